@@ -1,0 +1,7 @@
+"""detloop: keep a production YOLO detector improving from reported failures without forgetting."""
+
+from detloop._env import prepare_environment
+
+__version__ = "0.1.0"
+
+prepare_environment()

@@ -1,0 +1,103 @@
+"""Stage ``base``: train the base detector on the anchor dataset and register it.
+
+``python -m detloop.base [key=value ...]`` (``-m`` for sweeps); ``dvc repro base`` runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from detloop import registry, tracking
+from detloop.config import resolve_path
+from detloop.manifest import manifest_hash
+from detloop.pyfunc import log_detector
+from detloop.stage import anchor_yaml, count_images, hydra_entry, stage_dir, write_json
+from detloop.yolo import load_model
+
+log = logging.getLogger(__name__)
+
+STAGE = "base"
+PLOT_SUFFIXES = (".png", ".jpg", ".csv", ".yaml")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train, log and register a base model; returns its registry coordinates and final metrics."""
+    model = load_model(cfg.base.model)  # refuses a .pt that would need a download
+    experiment_id = tracking.setup(cfg)  # an unreachable store fails here, before any work
+    out = stage_dir(cfg, STAGE)
+    data_yaml = anchor_yaml(cfg, out)
+    anchor = resolve_path(cfg, "anchor")
+    counts = {f"data.anchor_{s}": count_images(anchor / "images" / s) for s in ("train", "val", "test")}
+    train_args = OmegaConf.to_container(cfg.base.train, resolve=True)
+
+    with tracking.stage_run(cfg, STAGE, experiment_id, run_name="base") as run:
+        run_id = run.info.run_id
+        mlflow.log_params(tracking.flat_params(cfg, ["base"]))
+        mlflow.log_params({**counts, "data.anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl")})
+        tracking.EpochLogger().attach(model)
+        model.train(data=str(data_yaml), project=str(out / "runs"), name=run_id, exist_ok=True, **train_args)
+        trainer = model.trainer
+        final = tracking.finite_metrics(trainer.metrics or {}, prefix="final/")
+        mlflow.log_metrics(final)
+        _log_training_files(Path(trainer.save_dir))
+        info = log_detector(
+            trainer.best,
+            model_config={**OmegaConf.to_container(cfg.base.predict), "imgsz": train_args["imgsz"]},
+            registered_model_name=cfg.mlflow.registered_model,
+        )
+        version = str(info.registered_model_version)
+        _tag_and_alias(cfg, version, run_id, anchor)
+
+    result = {
+        "name": cfg.mlflow.registered_model,
+        "version": version,
+        "run_id": run_id,
+        "model_uri": f"models:/{cfg.mlflow.registered_model}/{version}",
+    }
+    write_json(out / "model.json", result)
+    write_json(out / "metrics.json", final)
+    objective = final.get(tracking.metric_name("final/metrics/mAP50(B)"))
+    log.info("registered %s version %s (run %s)", result["name"], version, run_id)
+    return {**result, "metrics": final, "objective": objective}
+
+
+def _log_training_files(save_dir: Path) -> None:
+    """Ultralytics' plots, results.csv and args.yaml as run artifacts."""
+    for path in sorted(save_dir.glob("*")):
+        if path.is_file() and path.suffix in PLOT_SUFFIXES:
+            mlflow.log_artifact(str(path), artifact_path="training")
+
+
+def _tag_and_alias(cfg: DictConfig, version: str, run_id: str, anchor: Path) -> None:
+    """Version tags (kind, lineage) and aliases: ``base``; ``production`` too if nobody holds it."""
+    name = cfg.mlflow.registered_model
+    tags = {k: v for k, v in tracking.lineage_tags(cfg, STAGE).items() if k != "stage"}
+    tags.update(
+        {
+            "kind": "base",
+            "run_id": run_id,
+            "lineage.anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl"),
+            "lineage.base_model": str(cfg.base.model),
+        }
+    )
+    registry.set_version_tags(name, version, tags)
+    in_sweep = tracking.SWEEP_TAG in mlflow.get_run(run_id).data.tags
+    if not in_sweep or registry.alias_holder(name, "base") is None:
+        registry.move_alias(cfg, "base", version, why="base stage trained a new base model", decision="base")
+    if registry.alias_holder(name, "production") is None:
+        registry.set_version_tags(name, version, {"decision": "bootstrap"})
+        registry.move_alias(
+            cfg, "production", version,
+            why="bootstrap: first registered model, no production version yet",
+            decision="bootstrap",
+        )  # fmt: skip
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Every config group composes, and the keys passed to Ultralytics are Ultralytics' own."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from detloop.config import compose, config_hash
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
+
+
+def test_default_config_composes_and_resolves():
+    cfg = compose([])
+    OmegaConf.resolve(cfg)
+    assert set(GROUPS) - {"experiment"} <= set(cfg.keys())
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(experiment):
+    cfg = compose([f"experiment={experiment}"])
+    OmegaConf.resolve(cfg)
+
+
+def test_base_train_keys_are_ultralytics_train_arguments():
+    from ultralytics.cfg import get_cfg
+
+    known = set(vars(get_cfg()).keys())
+    train = compose([]).base.train
+    assert set(train.keys()) <= known, set(train.keys()) - known
+
+
+def test_fine_tune_recipe_names_its_optimizer_so_lr0_is_honoured():
+    assert compose([]).base.train.optimizer != "auto"
+
+
+def test_config_hash_changes_with_a_value_and_only_then():
+    a = compose([]).base
+    b = compose(["base.train.epochs=3"]).base
+    assert config_hash(a) == config_hash(compose([]).base)
+    assert config_hash(a) != config_hash(b)
+
+
+def test_pool_split_fractions_sum_to_one():
+    split = compose([]).pool.split
+    assert abs(sum(split.values()) - 1.0) < 1e-9
