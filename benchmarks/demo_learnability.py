@@ -69,6 +69,12 @@ def match_image(gt_cls: np.ndarray, gt_box: np.ndarray, pred_cls: np.ndarray, pr
     return found
 
 
+def label_path(image: Path) -> Path:
+    """The Ultralytics convention: the last /images/ in the path becomes /labels/, .txt suffix."""
+    head, _, tail = str(image).rpartition("/images/")
+    return Path(f"{head}/labels/{tail}").with_suffix(".txt")
+
+
 def read_yolo_labels(path: Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     rows = np.loadtxt(path, ndmin=2) if path.stat().st_size else np.zeros((0, 5))
     cls = rows[:, 0].astype(int)
@@ -86,7 +92,7 @@ def detection_rate(model, images: list[Path], imgsz: int = 160) -> dict:
                                 verbose=False)
         for image, result in zip(batch, results, strict=True):
             height, width = result.orig_shape
-            label = image.parent.parent / "labels" / (image.stem + ".txt")
+            label = label_path(image)
             gt_cls, gt_box = read_yolo_labels(label, width, height)
             boxes = result.boxes
             hit = match_image(gt_cls, gt_box, boxes.cls.numpy().astype(int), boxes.xyxy.numpy(),

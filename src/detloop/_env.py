@@ -19,6 +19,7 @@ TELEMETRY_OFF = {
     "FIFTYONE_DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",
     "HYDRA_FULL_ERROR": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 def project_root(start: Path | None = None) -> Path:

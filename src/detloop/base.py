@@ -12,7 +12,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from detloop import registry, tracking
-from detloop.config import resolve_path
+from detloop.config import config_hash, resolve_path
 from detloop.manifest import manifest_hash
 from detloop.pyfunc import log_detector
 from detloop.stage import anchor_yaml, count_images, hydra_entry, stage_dir, write_json
@@ -60,9 +60,22 @@ def run(cfg: DictConfig) -> dict:
     }
     write_json(out / "model.json", result)
     write_json(out / "metrics.json", final)
+    write_json(out / "lineage.json", lineage_key(cfg, anchor))
     objective = final.get(tracking.metric_name("final/metrics/mAP50(B)"))
     log.info("registered %s version %s (run %s)", result["name"], version, run_id)
     return {**result, "metrics": final, "objective": objective}
+
+
+def lineage_key(cfg: DictConfig, anchor: Path) -> dict:
+    """What this stage's result depends on, and nothing else: the DVC output of the stage.
+
+    Deterministic for the same config and anchor data, so dvc.lock is the same on every machine.
+    """
+    return {
+        "stage": STAGE,
+        "config_hash": config_hash(cfg.base),
+        "anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl"),
+    }
 
 
 def _log_training_files(save_dir: Path) -> None:

@@ -672,14 +672,17 @@ def _existing_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _same_tree(folder: Path, files: Files) -> bool:
-    existing = _existing_files(folder)
-    if existing.keys() != files.keys():
-        return False
-    return all(
-        existing[rel].stat().st_size == len(data) and existing[rel].read_bytes() == data
-        for rel, data in files.items()
+def _differences(existing: Mapping[str, Path], files: Files) -> list[str]:
+    """How the files on disk differ from the demo data set (empty: they are the same)."""
+    extra = sorted(existing.keys() - files.keys())
+    missing = sorted(files.keys() - existing.keys())
+    changed = sorted(
+        rel for rel in existing.keys() & files.keys()
+        if existing[rel].stat().st_size != len(files[rel]) or existing[rel].read_bytes() != files[rel]
     )
+    return ([f"{existing[rel]}: not part of the demo data set" for rel in extra]
+            + [f"{existing[rel]}: differs from the demo data set" for rel in changed]
+            + [f"{rel}: missing" for rel in missing])
 
 
 def _write_tree(folder: Path, files: Files) -> None:
@@ -741,20 +744,20 @@ def write_demo_data(cfg: DictConfig, root: Path | None = None) -> dict:
         data = data.resolve()
     files, summary = build_files(cfg, relative)
     summary["root"] = str(data)
+    if data.exists() and not data.is_dir():
+        raise BadInput(f"{data} is a file, not a folder", [f"paths.data={data}"])
     existing = _existing_files(data) if data.is_dir() else {}
-    if existing and _same_tree(data, files):
+    differences = _differences(existing, files) if existing else []
+    if existing and not differences:
         summary["changed"] = False
         logger.info("demo data in %s is up to date (%d files)", data, len(files))
         return summary
     if existing and not cfg.demo.overwrite:
-        shown = sorted(existing)[:5]
         raise BadInput(
-            f"{data} already holds other data; pass demo.overwrite=true to replace it",
-            [f"{data / rel}: not part of the demo data set or different" for rel in shown]
-            + ([f"... {len(existing) - len(shown)} more files"] if len(existing) > len(shown) else []),
+            f"{data} already holds other data; pass demo.overwrite=true to replace it "
+            f"(nothing was changed)",
+            differences[:5] + ([f"... and {len(differences) - 5} more"] if len(differences) > 5 else []),
         )
-    if data.exists() and not data.is_dir():
-        raise BadInput(f"{data} is a file, not a folder", [f"paths.data={data}"])
     _replace(data, files)
     summary["changed"] = True
     logger.info("wrote demo data to %s: %d files, %.1f MB", data, len(files), summary["bytes"] / 1e6)

@@ -30,7 +30,7 @@ def decode_image(value, row: int):
 
     if isinstance(value, bytes | bytearray):
         raw = bytes(value)
-    elif isinstance(value, str) and Path(value).is_file():
+    elif isinstance(value, str) and _is_file(value):
         return Image.open(value).convert("RGB")
     elif isinstance(value, str):
         try:
@@ -43,6 +43,13 @@ def decode_image(value, row: int):
         return Image.open(io.BytesIO(raw)).convert("RGB")
     except Exception as err:  # PIL raises several types for undecodable bytes
         raise ValueError(f"row {row}: 'image' bytes are not a decodable image ({err})") from err
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return len(value) < 4096 and Path(value).is_file()
+    except OSError:  # e.g. a base64 string longer than a file name may be
+        return False
 
 
 def detections_table(results, names: dict[int, str]):

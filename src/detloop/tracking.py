@@ -150,7 +150,8 @@ def _sweep_parent(experiment_id: str, sweep_dir: str, stage: str) -> str:
     """The parent run that groups a sweep's jobs in the MLflow UI (created by the first job)."""
     client = mlflow.MlflowClient()
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_dir}'", max_results=1
+        [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_dir}' and tags.`detloop.sweep` = 'parent'",
+        max_results=1,
     )
     if found:
         return found[0].info.run_id
@@ -210,6 +211,8 @@ class EpochLogger:
         model.add_callback("on_fit_epoch_end", self.on_fit_epoch_end)
 
     def on_fit_epoch_end(self, trainer) -> None:
+        if trainer.epoch >= trainer.epochs:  # the final validation of best.pt, logged as final/ metrics
+            return
         values = {}
         values.update(trainer.label_loss_items(trainer.tloss, prefix="train"))
         values.update(trainer.metrics or {})

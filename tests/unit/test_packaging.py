@@ -41,8 +41,9 @@ def test_constraints_agree_with_pyproject_pins():
 
 
 def test_installed_opencv_is_the_single_headless_build():
-    import cv2
     from importlib.metadata import PackageNotFoundError, version
+
+    import cv2
 
     assert cv2.__version__ == "4.14.0"
     try:

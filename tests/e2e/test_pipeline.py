@@ -1,0 +1,191 @@
+"""The README's pipeline commands on a copy of the repository, at tiny size.
+
+`dvc repro`, a no-op re-run, edits to conf/ that rerun exactly the stages reading them, and the
+five ways to start a stage (`dvc repro`, `python -m`, a Hydra sweep, `dvc exp run -S`,
+`mlflow run`) all reaching the same value, read back from the MLflow run's params.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from ruamel.yaml import YAML
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TINY = {
+    "conf/demo/default.yaml": {
+        "anchor.train": 24, "anchor.val": 8, "anchor.test": 8, "failures.pool": 12, "failures.inbox": 4,
+    },
+    "conf/base/default.yaml": {"train.epochs": 1, "train.imgsz": 64, "train.batch": 8, "train.plots": False},
+}  # fmt: skip
+
+
+def set_yaml(path: Path, dotted: str, value) -> None:
+    """Edit one value of a conf file in place, keeping its comments (as a user would)."""
+    yaml = YAML()
+    data = yaml.load(path.read_text())
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    with open(path, "w") as handle:
+        yaml.dump(data, handle)
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in {"DETLOOP_ROOT", "MLFLOW_TRACKING_URI"}}
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env['PATH']}"
+    full_env.update(env or {})
+    done = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def git(cwd: Path, *args: str) -> str:
+    return sh(cwd, "git", "-c", "user.name=detloop-test", "-c", "user.email=test@detloop.invalid", *args).stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A copy of the working tree (tracked and new files) as its own git repo, set to tiny size."""
+    dest = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    for conf, values in TINY.items():
+        for key, value in values.items():
+            set_yaml(dest / conf, key, value)
+    git(dest, "init", "-q", "-b", "main")
+    sh(dest, "detloop", "demo-data")
+    sh(dest, "dvc", "add", "data")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "tiny copy")
+    return dest
+
+
+def store(repo: Path) -> str:
+    return f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+
+
+def base_runs(repo: Path) -> list:
+    mlflow.set_tracking_uri(store(repo))
+    exp = mlflow.MlflowClient().get_experiment_by_name("detloop")
+    runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.stage = 'base'", output_format="list")
+    return sorted((r for r in runs if r.data.tags.get("detloop.sweep") != "parent"), key=lambda r: r.info.start_time)
+
+
+def versions(repo: Path) -> list:
+    from detloop import registry
+    from detloop.config import compose
+
+    mlflow.set_tracking_uri(store(repo))
+    return registry.versions(compose([], root=repo))
+
+
+def stages_to_run(repo: Path) -> set[str]:
+    status = json.loads(sh(repo, "dvc", "status", "--json").stdout or "{}")
+    return set(status)
+
+
+def test_dvc_repro_registers_a_base_with_base_and_production_aliases(repo):
+    sh(repo, "dvc", "repro")
+    rows = versions(repo)
+    assert len(rows) == 1 and rows[0]["aliases"] == ["base", "production"]
+    tags = rows[0]["tags"]
+    head = git(repo, "rev-parse", "HEAD").strip()
+    assert tags["lineage.git_commit"] == head
+    data_md5 = YAML(typ="safe").load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    assert tags["lineage.data_dvc_md5"] == data_md5
+    run = mlflow.get_run(rows[0]["run_id"])
+    assert run.data.params["base.train.epochs"] == "1"
+    assert "final/metrics/mAP50B" in run.data.metrics
+    assert "anchor_test/map50" in run.data.metrics
+    metrics = json.loads((repo / "build" / "evaluate" / "metrics.json").read_text())
+    assert metrics["model_version"] == "1"
+
+
+def test_second_repro_without_changes_runs_nothing(repo):
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Running stage" not in out
+    assert len(versions(repo)) == 1
+
+
+def test_a_fresh_clone_reproduces_the_same_dvc_lock_and_stays_clean(repo, tmp_path):
+    # given the pipeline's state committed, as a maintainer would after `dvc repro`
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "pipeline state")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    # when a newcomer writes the demo data and runs the pipeline in the clone (the `make demo` steps)
+    sh(clone, "detloop", "demo-data")
+    sh(clone, "dvc", "commit", "-f", "data.dvc")
+    out = sh(clone, "dvc", "repro").stdout
+    # then the models were trained and registered in the clone's own store, and git sees no change
+    assert "Running stage 'base'" in out
+    assert versions(clone)[0]["aliases"] == ["base", "production"]
+    assert git(clone, "status", "--porcelain").strip() == ""
+
+
+def test_editing_evaluate_conf_reruns_only_evaluate(repo):
+    set_yaml(repo / "conf/evaluate/default.yaml", "batch", 4)
+    assert stages_to_run(repo) == {"evaluate"}
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Running stage 'evaluate'" in out and "Running stage 'base'" not in out
+    assert len(versions(repo)) == 1
+
+
+def test_editing_base_conf_reruns_base_and_its_dependents_with_the_new_value(repo):
+    set_yaml(repo / "conf/base/default.yaml", "train.lr0", 0.002)
+    assert stages_to_run(repo) == {"base"}  # evaluate follows from base's new lineage key
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Running stage 'base'" in out and "Running stage 'evaluate'" in out
+    assert base_runs(repo)[-1].data.params["base.train.lr0"] == "0.002"
+    assert [v["version"] for v in versions(repo)] == ["2", "1"]
+    git(repo, "commit", "-q", "-am", "lr0 0.002")
+
+
+def test_python_module_override_reaches_the_run(repo):
+    sh(repo, "python", "-m", "detloop.base", "base.train.lr0=0.005")
+    assert base_runs(repo)[-1].data.params["base.train.lr0"] == "0.005"
+
+
+def test_hydra_sweep_logs_one_child_run_per_job_under_one_parent(repo):
+    before = len(base_runs(repo))
+    sh(repo, "python", "-m", "detloop.base", "-m", "base.train.lr0=0.006,0.007")
+    runs = base_runs(repo)[before:]
+    assert sorted(r.data.params["base.train.lr0"] for r in runs) == ["0.006", "0.007"]
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
+    assert len(parents) == 1 and None not in parents
+    assert mlflow.get_run(parents.pop()).data.tags["detloop.sweep"] == "parent"
+
+
+def test_dvc_exp_run_set_param_reaches_the_run(repo):
+    sh(repo, "dvc", "exp", "run", "-S", "conf/base/default.yaml:train.lr0=0.003",
+       env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid",
+            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid"})  # fmt: skip
+    assert base_runs(repo)[-1].data.params["base.train.lr0"] == "0.003"
+
+
+def test_mlflow_run_entry_point_reaches_the_run(repo):
+    sh(repo, "mlflow", "run", ".", "-e", "base", "--env-manager", "local", "--experiment-name", "detloop",
+       "-P", "overrides=base.train.lr0=0.004", env={"MLFLOW_TRACKING_URI": store(repo)})  # fmt: skip
+    last = base_runs(repo)[-1]
+    assert last.data.params["base.train.lr0"] == "0.004"
+    assert last.data.params["overrides"] == "base.train.lr0=0.004"
