@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from detloop._env import project_root
+from detloop.errors import BadInput
 
 CONFIG_NAME = "config"
 
@@ -26,10 +27,22 @@ def compose(overrides: list[str] | tuple[str, ...] = (), root: Path | None = Non
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    folder = conf_dir(root)
+    if not (folder / f"{CONFIG_NAME}.yaml").is_file():
+        raise BadInput(
+            f"no detloop config at {folder / (CONFIG_NAME + '.yaml')}",
+            ["run detloop inside a detloop project (the folder with dvc.yaml and conf/) or set DETLOOP_ROOT"],
+        )
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir(root)), version_base="1.3"):
-        return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
+        try:
+            return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as err:
+            raise BadInput(f"bad config override in {list(overrides)}", [str(err).strip()]) from err
 
 
 def resolve_path(cfg: DictConfig, key: str, root: Path | None = None) -> Path:
