@@ -1,0 +1,103 @@
+"""Measure `make demo`: wall time per step and per stage, peak RSS, and the demo base model's quality.
+
+Run from a clone whose environment is installed (`make install`):
+    .venv/bin/python benchmarks/demo_run.py            # runs the demo steps, prints a JSON report
+    .venv/bin/python benchmarks/demo_run.py --no-run   # only measures the current registry/model
+Quality figures: anchor-test mAP50 of the production model (from the evaluate stage) and its
+detection rate on the reported-failure batch (pool + inbox), per class, at the serving threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from detloop import tracking
+from detloop.config import compose, resolve_path
+from detloop.metrics import detection_rate, yolo_labels_xyxy
+from detloop.stage import anchor_names
+
+BIN = Path(sys.executable).parent
+STEPS = [
+    ("demo-data", [str(BIN / "detloop"), "demo-data"]),
+    ("dvc commit data.dvc", [str(BIN / "dvc"), "commit", "-f", "-q", "data.dvc"]),
+    ("dvc repro", [str(BIN / "dvc"), "repro"]),
+    ("registry", [str(BIN / "detloop"), "registry"]),
+]
+
+
+def run_steps() -> list[dict]:
+    rows = []
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for name, cmd in STEPS:
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        rows.append({"step": name, "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb_so_far": round(peak)})
+    return rows
+
+
+def stage_durations(cfg) -> dict[str, float]:
+    tracking.setup(cfg)
+    runs = mlflow.search_runs(experiment_names=[cfg.mlflow.experiment], output_format="list")
+    out = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        stage = run.data.tags.get("stage")
+        if stage and run.info.end_time:
+            out[stage] = round((run.info.end_time - run.info.start_time) / 1000, 1)
+    return out
+
+
+def failure_detection(cfg) -> dict:
+    """Production model's detection rate on the reported failures (pool + inbox images)."""
+    from PIL import Image
+
+    tracking.setup(cfg)
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}@production")
+    names = anchor_names(resolve_path(cfg, "anchor"))
+    images = sorted((resolve_path(cfg, "pool") / "images").iterdir()) + sorted(
+        (resolve_path(cfg, "inbox") / "images").iterdir()
+    )
+    preds = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
+    samples = []
+    for i, path in enumerate(images):
+        w, h = Image.open(path).size
+        gt_boxes, gt_cls = yolo_labels_xyxy(path.parent.parent / "labels" / f"{path.stem}.txt", w, h)
+        p = preds[preds["row"] == i]
+        samples.append((gt_boxes, gt_cls, p[["x1", "y1", "x2", "y2"]].to_numpy(), p["class_id"].to_numpy(),
+                        p["confidence"].to_numpy()))  # fmt: skip
+    aware = detection_rate(samples, names, conf=0.0).as_dict()  # predictions are already at serving conf
+    agnostic = detection_rate(samples, names, conf=0.0, class_aware=False).as_dict()
+    return {"images": len(images), "class_aware": aware, "class_agnostic_rate": agnostic["rate"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-run", action="store_true", help="measure the existing results only")
+    args = parser.parse_args()
+    report = {}
+    start = time.perf_counter()
+    if not args.no_run:
+        report["steps"] = run_steps()
+        report["total_seconds"] = round(time.perf_counter() - start, 1)
+    cfg = compose([])
+    report["stage_run_seconds"] = stage_durations(cfg)
+    evaluate = json.loads((resolve_path(cfg, "build") / "evaluate" / "metrics.json").read_text())
+    report["anchor_test_map50"] = round(evaluate["map50"], 4)
+    report["anchor_test_map50_95"] = round(evaluate["map50_95"], 4)
+    report["failures"] = failure_detection(cfg)
+    print(json.dumps(report, indent=2, default=lambda x: float(x) if isinstance(x, np.floating) else str(x)))
+
+
+if __name__ == "__main__":
+    main()
