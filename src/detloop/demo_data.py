@@ -49,11 +49,12 @@ Files = dict[str, bytes]  # relative path (posix) -> file bytes
 
 # ----------------------------------------------------------------------------------------- drawing
 @cache
-def _font(size: int, bold: bool = False, mono: bool = False) -> ImageFont.FreeTypeFont:
-    """A DejaVu font shipped with matplotlib (pinned, so rendering is the same everywhere)."""
+def _font(size: int, bold: bool = False, family: str = "Sans") -> ImageFont.FreeTypeFont:
+    """A DejaVu font (family Sans, SansMono or Serif) shipped with matplotlib (pinned, so rendering
+    is the same everywhere)."""
     import matplotlib
 
-    name = "DejaVuSans" + ("Mono" if mono else "") + ("-Bold" if bold else "") + ".ttf"
+    name = f"DejaVu{family}" + ("-Bold" if bold else "") + ".ttf"
     return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), size)
 
 
@@ -102,10 +103,10 @@ def _text(page: Page, xy: tuple[float, float], text: str, font, fill: RGB, ancho
     return page.draw.textbbox(xy, text, font=font, anchor=anchor)
 
 
-def _fit_font(text: str, size: int, max_width: float, bold: bool = True, mono: bool = False):
-    while size > 8 and _font(size, bold, mono).getlength(text) > max_width:
+def _fit_font(text: str, size: int, max_width: float, bold: bool = True, family: str = "Sans"):
+    while size > 8 and _font(size, bold, family).getlength(text) > max_width:
         size -= 1
-    return _font(size, bold, mono)
+    return _font(size, bold, family)
 
 
 def _words(page: Page, n: int) -> str:
@@ -134,16 +135,16 @@ TITLE_WORDS = {
 
 
 def draw_title(page: Page, x: float, y: float, text: str, size: int, max_width: float,
-               fill: RGB = (0, 0, 0), align: str = "l") -> tuple:
+               fill: RGB = (0, 0, 0), align: str = "l", family: str = "Sans") -> tuple:
     """A big bold text line; ``align`` l/m/r places ``x`` at its left, middle or right."""
-    font = _fit_font(text, size, max_width)
+    font = _fit_font(text, size, max_width, family=family)
     box = _text(page, (x, y), text, font, fill, anchor=f"{align}t")
     page.add_box(TITLE, box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1)
     return box
 
 
 def draw_date(page: Page, x: float, y: float, style: str = "comb", label: str = "above") -> tuple:
-    """A date field: 'comb' = boxed day | month | year cells; 'line' = mono digits on an underline."""
+    """A date field: 'comb' = boxed day | month | year cells; 'boxed' = mono digits in one box."""
     day, month, year = _date_text(page)
     small = _font(page.integer(7, 8))
     ink = _ink(page)
@@ -161,12 +162,13 @@ def draw_date(page: Page, x: float, y: float, style: str = "comb", label: str = 
             page.draw.text((cx + width / 2, y + h / 2 + 1), part, font=font, fill=ink, anchor="mm")
             cx += width
         box = (x, y, x1, y1)
-    else:  # line
-        font = _font(page.integer(10, 12), mono=True)
+    else:  # boxed
+        font = _font(page.integer(10, 12), family="SansMono")
         text = f"{year}-{month}-{day}" if page.chance(0.5) else f"{day}.{month}.{year}"
-        tb = _text(page, (x, y), text, font, ink, anchor="lt")
-        page.draw.line((x - 2, tb[3] + 3, tb[2] + 2, tb[3] + 3), fill=ink, width=1)
-        box = (x - 2, tb[1] - 1, tb[2] + 2, tb[3] + 4)
+        w, h = int(font.getlength(text)) + page.integer(8, 14), page.integer(16, 20)
+        box = (x, y, x + w, y + h)
+        page.draw.rectangle(box, outline=ink, width=1)
+        page.draw.text((x + w / 2, y + h / 2 + 1), text, font=font, fill=ink, anchor="mm")
     word = page.pick(("DATE", "Date", "Date:"))
     if label == "above":
         _text(page, (box[0], box[1] - 2), word, small, _ink(page, 40, 90), anchor="lb")
@@ -180,7 +182,7 @@ def draw_amount(page: Page, x: float, y: float, style: str = "shaded", align: st
     """An amount field: 'shaded' = grey box with a bold figure; 'double' = double-ruled white box."""
     text = _amount_text(page)
     ink = _ink(page)
-    font = _font(page.integer(11, 13), bold=True, mono=style == "double")
+    font = _font(page.integer(11, 13), bold=True, family="SansMono" if style == "double" else "Sans")
     w = int(font.getlength(text)) + page.integer(10, 24)
     h = page.integer(17, 22)
     if align == "r":
@@ -418,20 +420,21 @@ def template_receipt(page: Page) -> None:
 
 
 def template_delivery_note(page: Page) -> None:
-    """The reported-failure layout: dark header band with white title, ruled zebra table, mono date,
-    double-ruled amount, green stamp, 'received by' signature box."""
+    """The reported-failure layout: centred serif title over a heavy rule, boxed mono date beside
+    the sender block, ruled zebra table, double-ruled amount, green or violet stamp, 'received by'
+    signature at the foot."""
     w, h = page.size
     m = page.integer(12, 18)
-    band = page.integer(36, 46)
-    dark = tuple(int(c) for c in page.rng.integers(20, 70, 3))
-    page.draw.rectangle((0, 0, w, band), fill=dark)
-    draw_title(page, m, page.integer(9, band - 24), page.pick(TITLE_WORDS["delivery_note"]),
-               page.integer(15, 19), w * 0.62, fill=(250, 250, 250))
-    _text(page, (w - m, band / 2), _words(page, 1).upper()[:8], _font(8, bold=True), (230, 230, 230), "rm")
-    y = band + page.integer(10, 16)
-    if page.chance(0.9):
-        draw_date(page, w - m - page.integer(80, 90), y + 4, "line", "left")
+    ink = (page.integer(10, 40), page.integer(10, 40), page.integer(30, 80))
+    title = draw_title(page, w / 2 + page.integer(-16, 16), page.integer(10, 18),
+                       page.pick(TITLE_WORDS["delivery_note"]), page.integer(15, 19), w - 2 * m,
+                       fill=ink, align="m", family="Serif")
+    rule = title[3] + page.integer(4, 7)
+    page.draw.line((m, rule, w - m, rule), fill=ink, width=page.integer(2, 3))
+    y = rule + page.integer(8, 14)
     draw_paragraph(page, m, y, w * 0.42, page.integer(2, 4))
+    if page.chance(0.9):
+        draw_date(page, w - m - page.integer(86, 96), y + page.integer(2, 10), "boxed", "left")
     y += page.integer(50, 60)
     if page.chance(0.9):
         th = page.integer(70, 110)
@@ -442,13 +445,12 @@ def template_delivery_note(page: Page) -> None:
     bottom = h - page.integer(30, 40)
     if page.chance(0.85):
         sw = page.integer(70, 100)
-        sx = (w - sw) / 2 + page.integer(-30, 30)
-        page.draw.rectangle((sx - 8, bottom - 30, sx + sw + 8, bottom + 12), outline=_ink(page, 80, 140))
-        _text(page, (sx - 6, bottom - 28), "Received by", _font(7), _ink(page, 60, 110), "lt")
-        draw_signature(page, sx, bottom - 18, sw, page.integer(16, 22), ink=(15, 15, 25))
+        sx = w - m - sw - page.integer(0, 30)
+        _text(page, (sx - 6, bottom), "Received by:", _font(7), _ink(page, 60, 110), "rm")
+        draw_signature(page, sx, bottom - 14, sw, page.integer(20, 28), ink=(15, 15, 25))
     if page.chance(0.75):
         d = page.integer(42, 58)
-        draw_stamp(page, m + d / 2 + page.integer(0, 20), bottom - page.integer(50, 70), d,
+        draw_stamp(page, m + d / 2 + page.integer(0, 20), bottom - page.integer(20, 40), d,
                    page.pick(((30, 140, 60), (120, 40, 150))), double=True)
 
 
@@ -469,7 +471,7 @@ def _rotate_points(points: np.ndarray, angle_deg: float, cx: float, cy: float) -
 
 
 def scan(page: Page, scan_cfg: Mapping) -> None:
-    """Degrade a page like a poor scan: small rotation, low contrast, blur and sensor noise."""
+    """Degrade a page like a poor scan: small rotation, faded low-contrast print, blur and noise."""
     w, h = page.size
     rng = page.rng
     angle = float(rng.uniform(-1, 1)) * float(scan_cfg["rotation"])
@@ -479,8 +481,8 @@ def scan(page: Page, scan_cfg: Mapping) -> None:
     page.objects = [(cls, _rotate_points(pts, angle, w / 2, h / 2)) for cls, pts in page.objects]
     pixels = np.asarray(image, dtype=np.float32)
     contrast = float(rng.uniform(*scan_cfg["contrast"]))
-    grey = float(rng.uniform(110, 170))
-    pixels = grey + (pixels - pixels.mean()) * contrast
+    paper = float(rng.uniform(215, 245))
+    pixels = paper - (255.0 - pixels) * contrast  # faded print: ink turns grey, paper stays light
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(*scan_cfg["blur"]))))
     pixels = np.asarray(image, dtype=np.float32)

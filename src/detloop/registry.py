@@ -34,6 +34,24 @@ def alias_holder(name: str, alias: str) -> str | None:
         return None
 
 
+MODEL_DESCRIPTION = (
+    "The detloop detector. Aliases: `base` = the model every fine-tune starts from; "
+    "`production` = the served model; `staging` = a candidate waiting for human review. "
+    "Version tags: `kind` (base|finetune), `decision` (pass|review|reject|bootstrap), gate figures and "
+    "`lineage.*` (git commit, data.dvc md5, config hash, run id). Every alias move (who, when, why) is a run "
+    "in the experiment `{audit}`."
+)
+
+
+def describe(cfg: DictConfig, version: str, text: str) -> None:
+    """Version description (shown in the MLflow UI) and, once, the registered model's description."""
+    c = client()
+    name = cfg.mlflow.registered_model
+    c.update_model_version(name, str(version), description=text)
+    if not c.get_registered_model(name).description:
+        c.update_registered_model(name, description=MODEL_DESCRIPTION.format(audit=cfg.mlflow.audit_experiment))
+
+
 def set_version_tags(name: str, version: str, tags: dict) -> None:
     c = client()
     for key, value in tags.items():
