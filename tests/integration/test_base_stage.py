@@ -43,7 +43,7 @@ def test_base_registers_a_version_holding_base_and_production(trained):
     assert tags["run_id"] == result["run_id"]
     client = mlflow.MlflowClient()
     assert client.get_model_version(cfg.mlflow.registered_model, "1").description.startswith("base model:")
-    assert "production = the served model" in client.get_registered_model(cfg.mlflow.registered_model).description
+    assert "`production` = the served model" in client.get_registered_model(cfg.mlflow.registered_model).description
 
 
 def test_version_and_run_carry_lineage_and_device(trained):
