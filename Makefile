@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: install
 	$(BIN)/detloop demo-data
+	# record the data in the local DVC cache; data.dvc stays as committed (the generator is deterministic)
+	$(BIN)/dvc commit -f -q data.dvc
 	$(BIN)/dvc repro
 	@echo
 	$(BIN)/detloop registry
