@@ -11,7 +11,6 @@ import base64
 import binascii
 import io
 import logging
-import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -68,10 +67,6 @@ def detections_table(results, names: dict[int, str]):
             cid = int(cls)
             rows.append([index, cid, names.get(cid, str(cid)), float(conf), *map(float, b), *map(float, n)])
     return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
-
-
-# The input is a table (signature logged explicitly), not type-hinted Python objects.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class DetectorModel(mlflow.pyfunc.PythonModel):
