@@ -333,11 +333,12 @@ def template_form(page: Page) -> None:
     """Form: title top-left, date top-right, blank lines, grid table, amount, signature, stamp."""
     w, h = page.size
     m = page.integer(10, 18)
-    title = draw_title(page, m + page.integer(0, 8), page.integer(10, 20),
-                       page.pick(TITLE_WORDS["form"]), page.integer(15, 19), w * 0.6)
+    date_x, title_x = w - m - page.integer(72, 82), m + page.integer(0, 8)
+    title = draw_title(page, title_x, page.integer(10, 20), page.pick(TITLE_WORDS["form"]),
+                       page.integer(18, 22), date_x - title_x - 10)
     y = draw_paragraph(page, m, title[3] + page.integer(5, 9), w * 0.55, page.integer(1, 3))
     if page.chance(0.9):
-        draw_date(page, w - m - page.integer(72, 82), page.integer(26, 40), "comb", "above")
+        draw_date(page, date_x, page.integer(26, 40), "comb", "above")
     y = draw_input_lines(page, m, max(y, 64) + page.integer(4, 10), w - 2 * m, page.integer(1, 3))
     table_bottom = y
     if page.chance(0.9):
@@ -363,7 +364,7 @@ def template_invoice(page: Page) -> None:
     m = page.integer(10, 16)
     draw_logo(page, m, page.integer(10, 18), page.integer(18, 26))
     title = draw_title(page, w - m, page.integer(12, 22), page.pick(TITLE_WORDS["invoice"]),
-                       page.integer(17, 22), w * 0.5, align="r")
+                       page.integer(19, 24), w * 0.5, align="r")
     draw_paragraph(page, m, page.integer(44, 52), w * 0.45, page.integer(2, 4))
     if page.chance(0.9):
         draw_date(page, w - m - page.integer(72, 80), title[3] + page.integer(14, 22), "comb", "left")
@@ -397,7 +398,7 @@ def template_receipt(page: Page) -> None:
     page.draw.rectangle((px, top, px + pw, bottom), fill=(v, v, v - page.integer(0, 10)))
     cx = px + pw / 2
     title = draw_title(page, cx, top + page.integer(8, 14), page.pick(TITLE_WORDS["receipt"]),
-                       page.integer(14, 18), pw - 16, align="m")
+                       page.integer(16, 20), pw - 16, align="m")
     y = draw_paragraph(page, px + 10, title[3] + 5, pw - 20, page.integer(1, 2))
     if page.chance(0.9):
         draw_date(page, px + page.integer(40, pw - 90), y + 16, "comb", "left")
@@ -420,21 +421,20 @@ def template_receipt(page: Page) -> None:
 
 
 def template_delivery_note(page: Page) -> None:
-    """The reported-failure layout: centred serif title over a heavy rule, boxed mono date beside
-    the sender block, ruled zebra table, double-ruled amount, green or violet stamp, 'received by'
-    signature at the foot."""
+    """The reported-failure layout: centred title over a heavy rule, date beside the sender block,
+    ruled zebra table, double-ruled mono amount, green or violet stamp, 'received by' signature."""
     w, h = page.size
     m = page.integer(12, 18)
     ink = (page.integer(10, 40), page.integer(10, 40), page.integer(30, 80))
     title = draw_title(page, w / 2 + page.integer(-16, 16), page.integer(10, 18),
-                       page.pick(TITLE_WORDS["delivery_note"]), page.integer(15, 19), w - 2 * m,
-                       fill=ink, align="m", family="Serif")
+                       page.pick(TITLE_WORDS["delivery_note"]), page.integer(18, 22), w - 2 * m,
+                       fill=ink, align="m")
     rule = title[3] + page.integer(4, 7)
     page.draw.line((m, rule, w - m, rule), fill=ink, width=page.integer(2, 3))
     y = rule + page.integer(8, 14)
     draw_paragraph(page, m, y, w * 0.42, page.integer(2, 4))
     if page.chance(0.9):
-        draw_date(page, w - m - page.integer(86, 96), y + page.integer(2, 10), "boxed", "left")
+        draw_date(page, w - m - page.integer(86, 96), y + page.integer(2, 10), "comb", "left")
     y += page.integer(50, 60)
     if page.chance(0.9):
         th = page.integer(70, 110)

@@ -15,6 +15,8 @@ import mlflow
 from omegaconf import DictConfig
 
 from detloop import registry, tracking
+from detloop.config import config_hash
+from detloop.manifest import sha256_file
 from detloop.stage import anchor_yaml, hydra_entry, read_json, stage_dir, write_json
 from detloop.yolo import ultralytics
 
@@ -78,6 +80,16 @@ def evaluate_model(cfg: DictConfig, model_uri: str) -> dict:
     }
 
 
+def lineage_key(cfg: DictConfig) -> dict:
+    """The DVC output: what this evaluation depends on (identical on every machine for the same inputs)."""
+    base_key = stage_dir(cfg, "base") / "lineage.json"
+    return {
+        "stage": STAGE,
+        "config_hash": config_hash(cfg.evaluate),
+        "base_lineage_sha256": sha256_file(base_key) if base_key.is_file() else "",
+    }
+
+
 def run(cfg: DictConfig) -> dict:
     """Evaluate the version the base stage registered (``build/base/model.json``)."""
     target = read_json(stage_dir(cfg, "base") / "model.json", "registered base model")
@@ -101,6 +113,7 @@ def run(cfg: DictConfig) -> dict:
          f"eval.anchor_{metrics['split']}.map50_95": f"{metrics['map50_95']:.4f}"},
     )  # fmt: skip
     write_json(stage_dir(cfg, STAGE) / "metrics.json", {"model_version": target["version"], **metrics})
+    write_json(stage_dir(cfg, STAGE) / "lineage.json", lineage_key(cfg))
     log.info("v%s on anchor %s: mAP50 %.4f", target["version"], metrics["split"], metrics["map50"])
     return {**metrics, "objective": metrics["map50"]}
 

@@ -1,0 +1,159 @@
+"""Stage ``finetune``: fine-tune the base model on the mix and register the result as a candidate.
+
+Always starts from the registry's ``base`` alias (or a pinned ``finetune.base_version``) and refuses
+a fine-tuned starting point: chained fine-tunes drift (document section 2). Registers a new version
+tagged ``kind=finetune`` and ``base_version=N``; it moves no alias — promotion is the gates' job.
+When the mix stage found no trigger, this stage records the wait and trains nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from detloop import registry, tracking
+from detloop._env import project_root
+from detloop.config import config_hash, resolve_path
+from detloop.errors import BadInput
+from detloop.evaluate import model_weights
+from detloop.manifest import sha256_file
+from detloop.pyfunc import log_detector
+from detloop.stage import anchor_names, hydra_entry, read_json, stage_dir, write_json
+from detloop.yolo import ultralytics
+
+log = logging.getLogger(__name__)
+
+STAGE = "finetune"
+
+
+def starting_version(cfg: DictConfig) -> str:
+    """The version to fine-tune from: pinned or the ``base`` alias; never a fine-tuned version."""
+    name = cfg.mlflow.registered_model
+    pinned = cfg.finetune.base_version
+    version = str(pinned) if pinned is not None else registry.alias_holder(name, "base")
+    if version is None:
+        raise BadInput(f"no version of {name} holds the alias 'base'", ["run the base stage first (dvc repro base)"])
+    kind = registry.client().get_model_version(name, version).tags.get("kind")
+    if kind != "base":
+        raise BadInput(
+            f"refusing to fine-tune from version {version} (kind={kind}): never chain fine-tunes",
+            [f"finetune.base_version={pinned}: fine-tunes always start from a base model; "
+             "leave it null to use the 'base' alias"],
+        )  # fmt: skip
+    return version
+
+
+def mix_yaml(cfg: DictConfig, out: Path) -> Path:
+    """An Ultralytics data yaml over the mix lists, with absolute image paths (written for this run)."""
+    root = project_root()
+    mix_dir = stage_dir(cfg, "mix")
+    spec = {"names": anchor_names(resolve_path(cfg, "anchor"))}
+    for split in ("train", "val"):
+        lines = [ln for ln in (mix_dir / f"{split}.txt").read_text().splitlines() if ln.strip()]
+        absolute = out / f"{split}.txt"
+        absolute.write_text("".join(f"{(root / ln).resolve()}\n" for ln in lines))
+        spec[split] = str(absolute)
+    path = out / "data.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def lineage_key(cfg: DictConfig, mix_record: dict) -> dict:
+    base_key = stage_dir(cfg, "base") / "lineage.json"
+    return {
+        "stage": STAGE,
+        "config_hash": config_hash(cfg.finetune),
+        "mix_sha256": _json_sha256(mix_record),
+        "base_lineage_sha256": sha256_file(base_key) if base_key.is_file() else "",
+    }
+
+
+def _json_sha256(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fine-tune when the mix is triggered; otherwise record the wait. Returns the registry coordinates."""
+    out = stage_dir(cfg, STAGE)
+    mix = read_json(stage_dir(cfg, "mix") / "mix.json", "the mix (stage mix)")
+    if not mix.get("triggered"):
+        log.info("no fine-tune: %s", mix.get("trigger"))
+        write_json(out / "model.json", {"skipped": True, "trigger": mix.get("trigger")})
+        write_json(out / "lineage.json", {"stage": STAGE, "skipped": mix.get("trigger")})
+        return {"skipped": True, "trigger": mix.get("trigger")}
+    experiment_id = tracking.setup(cfg)
+    base_version = starting_version(cfg)
+    name = cfg.mlflow.registered_model
+    train_args = OmegaConf.to_container(cfg.finetune.train, resolve=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        weights, _ = model_weights(f"models:/{name}/{base_version}", Path(tmp))
+        model = ultralytics().YOLO(str(weights))
+        data_yaml = mix_yaml(cfg, out)
+        tags = {"base_version": base_version, "forced": str(mix["forced"]).lower()}
+        with tracking.stage_run(cfg, STAGE, experiment_id, run_name=f"finetune from v{base_version}") as run:
+            run_id = run.info.run_id
+            mlflow.set_tags(tags)
+            mlflow.log_params(tracking.flat_params(cfg, ["finetune", "mix"]))
+            mlflow.log_params({f"mix.{k}": v for k, v in mix.items() if k not in ("ratios", "trigger_reasons")})
+            mlflow.log_artifacts(str(stage_dir(cfg, "mix")), artifact_path="mix")
+            tracking.EpochLogger().attach(model)
+            model.train(data=str(data_yaml), project=str(out / "runs"), name=run_id, exist_ok=True, **train_args)
+            trainer = model.trainer
+            final = tracking.finite_metrics(trainer.metrics or {}, prefix="final/")
+            mlflow.log_metrics(final)
+            for path in sorted(Path(trainer.save_dir).glob("*")):
+                if path.is_file() and path.suffix in (".png", ".jpg", ".csv", ".yaml"):
+                    mlflow.log_artifact(str(path), artifact_path="training")
+            info = log_detector(
+                trainer.best,
+                model_config={**OmegaConf.to_container(cfg.finetune.predict, resolve=True),
+                              "imgsz": train_args["imgsz"]},
+                registered_model_name=name,
+            )  # fmt: skip
+    version = str(info.registered_model_version)
+    _tag(cfg, version, run_id, base_version, mix)
+    result = {"name": name, "version": version, "run_id": run_id, "base_version": base_version,
+              "model_uri": f"models:/{name}/{version}", "forced": mix["forced"]}  # fmt: skip
+    write_json(out / "model.json", result)
+    write_json(out / "metrics.json", final)
+    write_json(out / "lineage.json", lineage_key(cfg, mix))
+    log.info("registered %s version %s, fine-tuned from base v%s (run %s)", name, version, base_version, run_id)
+    return {**result, "metrics": final}
+
+
+def _tag(cfg: DictConfig, version: str, run_id: str, base_version: str, mix: dict) -> None:
+    tags = {k: v for k, v in tracking.lineage_tags(cfg, STAGE).items() if k != "stage"}
+    tags.update(
+        {
+            "kind": "finetune",
+            "base_version": base_version,
+            "run_id": run_id,
+            "forced": str(mix["forced"]).lower(),
+            "pool.size": mix["pool_size"],
+            "pool.train_size": mix["new_train"],
+            "pool.manifest_sha256": mix["pool_manifest_sha256"],
+            "mix.multiplier": mix["multiplier"],
+            "mix.old_train": mix["old_train"],
+            "mix.seed": mix["seed"],
+        }
+    )
+    registry.set_version_tags(cfg.mlflow.registered_model, version, tags)
+    registry.describe(
+        cfg, version,
+        f"fine-tune of base v{base_version}: {mix['new_train']} pool samples + {mix['old_train']} replayed anchor "
+        f"samples ({mix['multiplier']}x), {cfg.finetune.train.epochs} epochs, lr0 {cfg.finetune.train.lr0}, "
+        f"freeze {cfg.finetune.train.freeze}{' (forced)' if mix['forced'] else ''}; run {run_id}. Awaiting the gates.",
+    )  # fmt: skip
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()

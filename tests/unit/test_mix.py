@@ -1,0 +1,75 @@
+"""The replay mix follows the document's ratio table and never leaks holdout or test data."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from detloop import pool
+from detloop.config import compose
+from detloop.errors import BadInput
+from detloop.mix import build_mix, draw_replay, replay_multiplier, replay_seed, replay_size
+from tests.conftest import tiny_overrides
+
+TABLE = {10: 50, 50: 20, 200: 10, 500: 5}
+
+
+@pytest.mark.parametrize(
+    ("n_new", "multiplier", "old"),
+    [(10, 50, 500), (50, 20, 1000), (200, 10, 2000), (500, 5, 2500), (800, 5, 3000), (3, 50, 150), (49, 50, 2450)],
+)
+def test_ratio_table_from_the_document(n_new, multiplier, old):
+    # the document's rows: 10 -> 50x (500), 50 -> 20x (1,000), 200 -> 10x (2,000), 500+ -> 5x, cap 3,000
+    assert replay_multiplier(n_new, TABLE) == multiplier
+    assert replay_size(n_new, TABLE, 3000) == old
+
+
+def test_the_configured_table_is_the_documents():
+    cfg = compose([])
+    assert dict(cfg.mix.ratios) == TABLE and cfg.mix.max_old == 3000
+
+
+def test_replay_is_fresh_per_pool_version_and_repeatable_for_one():
+    images = list(range(1000))
+    a = draw_replay(images, 100, replay_seed(0, "pool-v1"))
+    assert a == draw_replay(images, 100, replay_seed(0, "pool-v1"))
+    assert a != draw_replay(images, 100, replay_seed(0, "pool-v2"))
+    assert len(set(a)) == 100
+
+
+def _trigger(n: int) -> pool.TriggerStatus:
+    return pool.TriggerStatus(pool_size=n, split_counts={}, new_samples=n, min_new_samples=50, triggered=True,
+                              reasons=["test"], forced=False, message="test")  # fmt: skip
+
+
+@pytest.fixture
+def project(tmp_path, tiny_data):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    overrides = tiny_overrides(tmp_path)
+    overrides[1] = f"paths.data={data}"
+    return compose(overrides), data
+
+
+def test_mix_holds_pool_train_and_replay_but_never_holdout_or_test(project):
+    cfg, data = project
+    mix = build_mix(cfg, _trigger(12))
+    train = {p.resolve() for p in mix["train"]}
+    val = {p.resolve() for p in mix["val"]}
+    rows = {r["id"]: r for r in pool.pool_rows(cfg)}
+    for path in train | val:
+        assert "/images/test/" not in path.as_posix()
+        stem = path.stem
+        if stem in rows:
+            assert rows[stem]["split"] in ({"train"} if path in train else {"val"})
+    new = [p for p in train if p.stem in rows]
+    assert len(new) == mix["record"]["new_train"] == len(pool.pool_samples(cfg, "train"))
+    assert mix["record"]["old_train"] == min(replay_size(len(new), TABLE, 3000), cfg.demo.anchor.train)
+
+
+def test_mixing_without_old_data_is_refused(project):
+    cfg, data = project
+    shutil.rmtree(data / "anchor" / "images" / "train")
+    with pytest.raises(BadInput, match="no old data"):
+        build_mix(cfg, _trigger(12))
