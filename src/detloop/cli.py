@@ -65,6 +65,60 @@ def cmd_registry(args) -> int:
     return 0
 
 
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Free arguments as (ids, ``key=value`` overrides)."""
+    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+
+
+def cmd_inbox_add(args) -> int:
+    from detloop.inbox import add_to_inbox
+
+    labels = Path(args.labels) if args.labels else None
+    result = add_to_inbox(Path(args.path), _cfg(args), labels=labels, note=args.note)
+    counts = result["counts"]
+    print(f"inbox {result['inbox']}: accepted {counts['accepted']} ({counts['with_labels']} with proposed labels), "
+          f"refused {counts['refused']}; {counts['inbox_size']} sample(s) await review")
+    for item in result["refused"]:
+        print(f"refused {item['path']}: {item['reason']}", file=sys.stderr)
+    return BadInput.exit_code if result["refused"] else 0
+
+
+def cmd_review(args) -> int:
+    from detloop.review import inbox_ids, review
+
+    ids, args.overrides = _split_overrides(args.items)
+    cfg = _cfg(args)
+    if args.all and ids:
+        raise BadInput("give sample ids or --all, not both")
+    if args.all:
+        ids = inbox_ids(cfg)
+        if not ids:
+            raise BadInput("the inbox is empty: nothing to review")
+    labels = Path(args.labels) if args.labels else None
+    try:
+        result = review(cfg, args.decision, ids, args.reviewer, labels_dir=labels, reason=args.reason)
+    except RuntimeError as err:  # dvc add failed after a complete review
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    verb = "accepted into the pool" if args.decision == "accept" else "rejected"
+    print(f"{len(result['ids'])} sample(s) {verb} by {result['reviewer']}: {' '.join(result['ids'])}")
+    print(f"pool: {result['pool_size']} verified samples; inbox: {result['inbox_size']} awaiting review")
+    return 0
+
+
+def cmd_pool_status(args) -> int:
+    from detloop import pool, tracking
+
+    cfg = _cfg(args)
+    tracking.setup(cfg)
+    status = pool.trigger_status(cfg, pool.last_finetune_from_registry(cfg))
+    if args.json:
+        print(json.dumps(pool.status_report(cfg, status), indent=2, sort_keys=True))
+    else:
+        print(pool.format_status(cfg, status))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detloop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,12 +143,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", action="store_true", help="every alias move: who, when, from, to, why")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_registry)
+    _add_loop_parsers(sub)
     return parser
+
+
+def _add_loop_parsers(sub) -> None:
+    """``inbox add``, ``review accept|reject`` and ``pool status``."""
+    inbox = sub.add_parser("inbox", help="reported failures awaiting review")
+    inbox_sub = inbox.add_subparsers(dest="inbox_command", required=True)
+    p = inbox_sub.add_parser(
+        "add", help="add reported failure images (optionally with proposed labels) to the inbox; "
+        "exits 2 if any file is refused (the accepted ones are kept)",
+    )
+    p.add_argument("path", help="a folder of images (recursive), an image, or a .txt list of image paths")
+    p.add_argument("--labels", metavar="DIR", help="proposed labels as DIR/<image stem>.txt "
+                   "(default: beside the images, Ultralytics layout images/ -> labels/)")
+    p.add_argument("--note", help="a note recorded with every report of this batch")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_inbox_add)
+
+    p = sub.add_parser("review", help="human review: accept inbox samples into the pool or reject them")
+    p.add_argument("decision", choices=["accept", "reject"])
+    p.add_argument("items", nargs="*", metavar="ID", help="inbox sample ids (and key=value overrides)")
+    p.add_argument("--all", action="store_true", help="every sample waiting in the inbox")
+    p.add_argument("--reviewer", help="who verified the samples (required)")
+    p.add_argument("--labels", metavar="DIR", help="accept: corrected labels as DIR/<id>.txt "
+                   "(default: the proposed inbox labels)")
+    p.add_argument("--reason", help="reject: why (recorded in inbox/rejected.jsonl)")
+    p.set_defaults(func=cmd_review)
+
+    pool = sub.add_parser("pool", help="the human-verified fine-tune pool")
+    pool_sub = pool.add_subparsers(dest="pool_command", required=True)
+    p = pool_sub.add_parser("status", help="pool size, split counts, new samples since the last fine-tune, "
+                            "each trigger's state")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_pool_status)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, also taking ids and ``key=value`` overrides that follow the options.
+
+    argparse alone stops filling a trailing ``nargs="*"`` positional once an option came between
+    (``detloop review accept ID --reviewer me key=value``).
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    target = "items" if hasattr(args, "items") else "overrides"
+    takes = hasattr(args, target) and not any(e.startswith("-") for e in extra)
+    if extra and not (takes and (target == "items" or all("=" in e for e in extra))):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        setattr(args, target, [*getattr(args, target), *extra])
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.func(args)
     except BadInput as err:

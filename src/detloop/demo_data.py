@@ -115,7 +115,7 @@ def _words(page: Page, n: int) -> str:
     )
 
 
-def _date_text(page: Page, sep: str = "/") -> tuple[str, str, str]:
+def _date_text(page: Page) -> tuple[str, str, str]:
     return f"{page.integer(1, 28):02d}", f"{page.integer(1, 12):02d}", f"{page.integer(2019, 2025)}"
 
 

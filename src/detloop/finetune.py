@@ -101,7 +101,7 @@ def run(cfg: DictConfig) -> dict:
             run_id = run.info.run_id
             mlflow.set_tags(tags)
             mlflow.log_params(tracking.flat_params(cfg, ["finetune", "mix"]))
-            mlflow.log_params({f"mix.{k}": v for k, v in mix.items() if k not in ("ratios", "trigger_reasons")})
+            mlflow.log_params({f"mixed.{k}": v for k, v in mix.items() if k not in ("ratios", "trigger_reasons")})
             mlflow.log_artifacts(str(stage_dir(cfg, "mix")), artifact_path="mix")
             tracking.EpochLogger().attach(model)
             model.train(data=str(data_yaml), project=str(out / "runs"), name=run_id, exist_ok=True, **train_args)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from tests.conftest import tiny_overrides
 
 from detloop import pool
 from detloop.config import compose
 from detloop.errors import BadInput
 from detloop.mix import build_mix, draw_replay, replay_multiplier, replay_seed, replay_size
-from tests.conftest import tiny_overrides
 
 TABLE = {10: 50, 50: 20, 200: 10, 500: 5}
 
