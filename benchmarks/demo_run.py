@@ -58,16 +58,12 @@ def stage_durations(cfg) -> dict[str, float]:
     return out
 
 
-def failure_detection(cfg) -> dict:
-    """Production model's detection rate on the reported failures (pool + inbox images)."""
+def detection_on(cfg, model_uri: str, images: list[Path]) -> dict:
+    """Detection rate of ``model_uri`` on ``images`` (labels beside them), per class and ignoring class."""
     from PIL import Image
 
-    tracking.setup(cfg)
-    model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}@production")
+    model = mlflow.pyfunc.load_model(model_uri)
     names = anchor_names(resolve_path(cfg, "anchor"))
-    images = sorted((resolve_path(cfg, "pool") / "images").iterdir()) + sorted(
-        (resolve_path(cfg, "inbox") / "images").iterdir()
-    )
     preds = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
     samples = []
     for i, path in enumerate(images):
@@ -81,6 +77,33 @@ def failure_detection(cfg) -> dict:
     return {"images": len(images), "class_aware": aware, "class_agnostic_rate": agnostic["rate"]}
 
 
+def failure_images(cfg) -> list[Path]:
+    return sorted((resolve_path(cfg, "pool") / "images").iterdir()) + sorted(
+        (resolve_path(cfg, "inbox") / "images").iterdir()
+    )
+
+
+def finetune_figures(cfg) -> dict | None:
+    """The demo fine-tune next to its base: anchor-test mAP50 and pool-holdout detection rate."""
+    from detloop.evaluate import evaluate_model
+    from detloop.pool import pool_samples
+
+    path = resolve_path(cfg, "build") / "finetune" / "model.json"
+    model = json.loads(path.read_text()) if path.is_file() else {}
+    if "version" not in model:
+        return None
+    holdout = pool_samples(cfg, "holdout")
+    base_uri = f"models:/{cfg.mlflow.registered_model}/{model['base_version']}"
+    return {
+        "version": model["version"],
+        "base_version": model["base_version"],
+        "anchor_test_map50": {"base": evaluate_model(cfg, base_uri)["map50"],
+                              "finetune": evaluate_model(cfg, model["model_uri"])["map50"]},
+        "pool_holdout_detection": {"base": detection_on(cfg, base_uri, holdout),
+                                   "finetune": detection_on(cfg, model["model_uri"], holdout)},
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-run", action="store_true", help="measure the existing results only")
@@ -91,11 +114,14 @@ def main() -> None:
         report["steps"] = run_steps()
         report["total_seconds"] = round(time.perf_counter() - start, 1)
     cfg = compose([])
+    tracking.setup(cfg)
     report["stage_run_seconds"] = stage_durations(cfg)
     evaluate = json.loads((resolve_path(cfg, "build") / "evaluate" / "metrics.json").read_text())
     report["anchor_test_map50"] = round(evaluate["map50"], 4)
     report["anchor_test_map50_95"] = round(evaluate["map50_95"], 4)
-    report["failures"] = failure_detection(cfg)
+    production = f"models:/{cfg.mlflow.registered_model}@production"
+    report["failures"] = detection_on(cfg, production, failure_images(cfg))
+    report["finetune"] = finetune_figures(cfg)
     print(json.dumps(report, indent=2, default=lambda x: float(x) if isinstance(x, np.floating) else str(x)))
 
 

@@ -143,6 +143,21 @@ def test_a_fresh_clone_reproduces_the_same_dvc_lock_and_stays_clean(repo, tmp_pa
     assert git(clone, "status", "--porcelain").strip() == ""
 
 
+def test_reviewed_samples_rerun_mix_and_finetune_only(repo):
+    # given the pipeline up to date, when a reviewer accepts every inbox report
+    sh(repo, "detloop", "review", "accept", "--all", "--reviewer", "e2e-reviewer")
+    # then data.dvc records the new pool version and only the stages reading the pool rerun
+    assert "data.dvc" in git(repo, "status", "--porcelain")
+    assert stages_to_run(repo) == {"mix"}
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Running stage 'mix'" in out and "Running stage 'finetune'" in out
+    assert "Running stage 'base'" not in out and "Running stage 'evaluate'" not in out
+    mix = json.loads((repo / "build" / "mix" / "mix.json").read_text())
+    assert mix["pool_size"] == TINY["conf/demo/default.yaml"]["failures.pool"] + 4
+    assert mix["trigger"].startswith("waiting:")  # below 50 new samples nothing is trained
+    git(repo, "commit", "-q", "-am", "reviewed inbox")
+
+
 def test_editing_evaluate_conf_reruns_only_evaluate(repo):
     set_yaml(repo / "conf/evaluate/default.yaml", "batch", 4)
     assert stages_to_run(repo) == {"evaluate"}
