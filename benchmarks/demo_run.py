@@ -1,7 +1,7 @@
 """Measure `make demo`: wall time per step and per stage, peak RSS, and the demo base model's quality.
 
 Run from a clone whose environment is installed (`make install`):
-    .venv/bin/python benchmarks/demo_run.py            # runs the demo steps, prints a JSON report
+    .venv/bin/python benchmarks/demo_run.py            # runs the demo steps; JSON report in build/benchmarks/
     .venv/bin/python benchmarks/demo_run.py --no-run   # only measures the current registry/model
 Quality figures: anchor-test mAP50 of the production model (from the evaluate stage) and its
 detection rate on the reported-failure batch (pool + inbox), per class, at the serving threshold.
@@ -107,6 +107,7 @@ def finetune_figures(cfg) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-run", action="store_true", help="measure the existing results only")
+    parser.add_argument("--out", default="build/benchmarks/demo_run.json", help="where to write the JSON report")
     args = parser.parse_args()
     report = {}
     start = time.perf_counter()
@@ -122,7 +123,10 @@ def main() -> None:
     production = f"models:/{cfg.mlflow.registered_model}@production"
     report["failures"] = detection_on(cfg, production, failure_images(cfg))
     report["finetune"] = finetune_figures(cfg)
-    print(json.dumps(report, indent=2, default=lambda x: float(x) if isinstance(x, np.floating) else str(x)))
+    text = json.dumps(report, indent=2, default=lambda x: float(x) if isinstance(x, np.floating) else str(x))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+    print(text)  # Ultralytics also writes to stdout: read --out for clean JSON
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Anchor layout written here (see docs/architecture: data layout)::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -28,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detloop.config import resolve_path
 from detloop.errors import BadInput
-from detloop.manifest import CHUNK, sha256_file, write_manifest
+from detloop.manifest import copy_atomic, sha256_file, write_manifest
 from detloop.yolo_format import (
     DEFAULT_MAX_PIXELS,
     SPLITS,
@@ -244,18 +243,12 @@ def anchor_data_yaml(names: dict[int, str]) -> str:
 
 
 def _copy_verified(source: Path, dest: Path, sha256: str | None = None) -> None:
-    """Copy bytes (fsynced); when ``sha256`` is given the copied bytes must still have that hash."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    with open(source, "rb") as src, open(dest, "wb") as dst:
-        while chunk := src.read(CHUNK):
-            digest.update(chunk)
-            dst.write(chunk)
-        dst.flush()
-        os.fsync(dst.fileno())
-    if sha256 is not None and digest.hexdigest() != sha256:
+    """Copy bytes (fsynced, renamed into place); when ``sha256`` is given they must still have that hash."""
+    try:
+        copy_atomic(source, dest, sha256)
+    except ValueError as err:
         raise BadInput("the source changed during the import; nothing was written",
-                       [f"{source}: content changed after it was validated"])
+                       [f"{source}: content changed after it was validated"]) from err
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

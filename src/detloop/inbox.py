@@ -23,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
-import hashlib
 import logging
 import os
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from omegaconf import DictConfig
 
 from detloop.config import resolve_path
 from detloop.errors import BadInput
-from detloop.manifest import CHUNK, append_manifest, read_manifest, sha256_file
+from detloop.manifest import append_manifest, copy_atomic, read_manifest, sha256_file
 from detloop.yolo_format import (
     check_image,
     check_label_file,
@@ -333,30 +331,6 @@ def inbox_row(report: Report, note: str | None) -> dict:
     if note:
         row["note"] = note
     return row
-
-
-def copy_atomic(source: Path, dest: Path, sha256: str | None = None) -> str:
-    """Copy ``source`` to a temporary name beside ``dest`` (fsynced), then rename; return the sha256.
-
-    Raises ValueError (nothing left behind) when ``sha256`` is given and the bytes no longer match it.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-    digest = hashlib.sha256()
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(CHUNK):
-                digest.update(chunk)
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise ValueError(f"{source} changed after it was checked (sha256 {digest.hexdigest()[:12]}, "
-                             f"expected {sha256[:12]})")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return digest.hexdigest()
 
 
 def find_image(folder: Path, sample_id: str) -> Path | None:

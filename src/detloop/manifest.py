@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -90,3 +92,27 @@ def split_for(sample_id: str, fractions: Mapping[str, float]) -> str:
         if point < edge:
             return name
     return name
+
+
+def copy_atomic(source: Path, dest: Path, sha256: str | None = None) -> str:
+    """Copy ``source`` to a temporary name beside ``dest`` (fsynced), then rename; return the sha256.
+
+    Raises ValueError (nothing left behind) when ``sha256`` is given and the bytes no longer match it.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    digest = hashlib.sha256()
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ValueError(f"{source} changed after it was checked (sha256 {digest.hexdigest()[:12]}, "
+                             f"expected {sha256[:12]})")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest.hexdigest()

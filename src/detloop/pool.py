@@ -200,7 +200,7 @@ def days_since(last_finetune: dict | None, now: datetime | None = None) -> float
 def performance_trigger(flag: Path, new: int) -> tuple[bool, str]:
     """By performance: the monitor's flag file exists (its JSON says why); needs one new sample."""
     if not flag.is_file():
-        return False, f"performance: no flag ({flag})"
+        return False, f"performance: no flag ({_shown(flag)})"
     why = read_flag_reason(flag)
     if new < 1:
         return False, f"performance: flagged ({why}) but no new verified samples since the last fine-tune"
@@ -215,6 +215,14 @@ def read_flag_reason(flag: Path) -> str:
         return f"{flag} is not readable JSON: {err}"
     reason = data.get("reason") if isinstance(data, dict) else None
     return str(reason) if reason else f"{flag} gives no reason"
+
+
+def _shown(path: Path) -> str:
+    """A path as users configured it: relative to the project root when inside it (same on every machine)."""
+    try:
+        return path.relative_to(project_root()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _flag_path(cfg: DictConfig) -> Path:

@@ -30,14 +30,13 @@ from detloop.inbox import (
     REJECTED_DIR,
     REJECTED_MANIFEST,
     anchor_num_classes,
-    copy_atomic,
     find_image,
     fsync_dir,
     fsync_file,
     locked,
     utc_now,
 )
-from detloop.manifest import append_manifest, manifest_line, read_manifest, sha256_file, split_for
+from detloop.manifest import append_manifest, copy_atomic, manifest_line, read_manifest, sha256_file, split_for
 from detloop.yolo_format import check_label_file
 
 log = logging.getLogger(__name__)

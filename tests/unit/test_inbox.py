@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tests.conftest import tiny_overrides
 
 from detloop.cli import main
 from detloop.config import compose
@@ -23,20 +22,8 @@ BOX = "0 0.5 0.5 0.25 0.25\n"
 
 
 @pytest.fixture
-def overrides(tmp_path: Path, tiny_data: Path) -> list[str]:
-    """A private copy of the tiny demo data (anchor, pool of 12, inbox of 4)."""
-    shutil.copytree(tiny_data, tmp_path / "data")
-    return tiny_overrides(tmp_path)
-
-
-@pytest.fixture
 def cfg(overrides):
     return compose(overrides)
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    return tmp_path / "data"
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (32, 24), fmt: str = "JPEG") -> Path:

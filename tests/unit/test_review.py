@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
-from tests.conftest import tiny_overrides
 
 from detloop.cli import main
 from detloop.config import compose
@@ -29,20 +28,8 @@ INBOX_IDS = ["report-00012", "report-00013", "report-00014", "report-00015"]  # 
 
 
 @pytest.fixture
-def overrides(tmp_path: Path, tiny_data: Path) -> list[str]:
-    """A private copy of the tiny demo data (anchor, pool report-00000..00011, inbox report-00012..00015)."""
-    shutil.copytree(tiny_data, tmp_path / "data")
-    return tiny_overrides(tmp_path)
-
-
-@pytest.fixture
 def cfg(overrides):
     return compose(overrides)
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    return tmp_path / "data"
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
