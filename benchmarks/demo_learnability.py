@@ -31,6 +31,7 @@ import detloop  # noqa: F401  (sets YOLO_CONFIG_DIR, offline and telemetry switc
 from detloop.config import compose
 from detloop.demo_data import CLASSES, write_demo_data
 from detloop.manifest import read_manifest
+from detloop.metrics import found_objects
 
 BASE_TRAIN = dict(epochs=30, imgsz=160, batch=16, optimizer="SGD", lr0=0.01, seed=0, deterministic=True,
                   workers=0, device="cpu", plots=False, verbose=False)
@@ -44,29 +45,10 @@ log = logging.getLogger("demo_learnability")
 
 
 # ------------------------------------------------------------------------------------------ matching
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of xyxy boxes a (N, 4) and b (M, 4)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = (a[:, 2:] - a[:, :2]).prod(axis=1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
 def match_image(gt_cls: np.ndarray, gt_box: np.ndarray, pred_cls: np.ndarray, pred_box: np.ndarray,
                 pred_conf: np.ndarray) -> np.ndarray:
-    """Which ground-truth objects are found: predictions in confidence order each claim the best
-    unclaimed ground truth of their class with IoU >= 0.5."""
-    found = np.zeros(len(gt_cls), dtype=bool)
-    if len(gt_cls) == 0 or len(pred_cls) == 0:
-        return found
-    iou = box_iou(pred_box, gt_box)
-    for p in np.argsort(-pred_conf, kind="stable"):
-        candidates = np.where((gt_cls == pred_cls[p]) & ~found & (iou[p] >= IOU_MATCH))[0]
-        if len(candidates):
-            found[candidates[np.argmax(iou[p, candidates])]] = True
-    return found
+    """Which ground-truth objects are found (detloop's one-to-one matcher at IoU >= 0.5)."""
+    return found_objects(gt_box, gt_cls, pred_box, pred_cls, pred_conf, iou=IOU_MATCH, conf=0.0)
 
 
 def label_path(image: Path) -> Path:

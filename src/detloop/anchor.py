@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detloop.config import resolve_path
 from detloop.errors import BadInput
-from detloop.manifest import copy_atomic, sha256_file, write_manifest
+from detloop.manifest import copy_atomic, fsync_file, sha256_file, write_manifest
 from detloop.yolo_format import (
     DEFAULT_MAX_PIXELS,
     SPLITS,
@@ -227,7 +227,7 @@ def fill_anchor(folder: Path, plan: AnchorPlan) -> None:
                      "source": str(sample.image)})
     _write_bytes(folder / "data.yaml", anchor_data_yaml(plan.spec.names).encode("utf-8"))
     write_manifest(folder / "manifest.jsonl", sorted(rows, key=lambda row: row["id"]))
-    _fsync(folder / "manifest.jsonl")
+    fsync_file(folder / "manifest.jsonl")
 
 
 def anchor_data_yaml(names: dict[int, str]) -> str:
@@ -254,15 +254,8 @@ def _copy_verified(source: Path, dest: Path, sha256: str | None = None) -> None:
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    _fsync(path)
+    fsync_file(path)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _swap_in(staging: Path, target: Path) -> None:
@@ -279,7 +272,7 @@ def _swap_in(staging: Path, target: Path) -> None:
             raise
         log.info("replaced the previous anchor at %s", target)
         shutil.rmtree(backup)
-    _fsync(target.parent)
+    fsync_file(target.parent)
 
 
 # --------------------------------------------------------------------------- summary

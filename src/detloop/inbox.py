@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 
 from detloop.config import resolve_path
 from detloop.errors import BadInput
-from detloop.manifest import append_manifest, copy_atomic, read_manifest, sha256_file
+from detloop.manifest import append_manifest, copy_atomic, fsync_file, read_manifest, sha256_file
 from detloop.yolo_format import (
     check_image,
     check_label_file,
@@ -337,14 +337,6 @@ def find_image(folder: Path, sample_id: str) -> Path | None:
     """The image file ``<folder>/<id>.<image suffix>``, or None."""
     found = [Path(p) for p in glob.glob(glob.escape(str(folder / sample_id)) + ".*") if is_image_name(Path(p))]
     return sorted(found)[0] if found else None
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -116,3 +116,12 @@ def copy_atomic(source: Path, dest: Path, sha256: str | None = None) -> str:
     finally:
         tmp.unlink(missing_ok=True)
     return digest.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk (so a manifest row never points at bytes still in a cache)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

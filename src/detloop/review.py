@@ -32,11 +32,18 @@ from detloop.inbox import (
     anchor_num_classes,
     find_image,
     fsync_dir,
-    fsync_file,
     locked,
     utc_now,
 )
-from detloop.manifest import append_manifest, copy_atomic, manifest_line, read_manifest, sha256_file, split_for
+from detloop.manifest import (
+    append_manifest,
+    copy_atomic,
+    fsync_file,
+    manifest_line,
+    read_manifest,
+    sha256_file,
+    split_for,
+)
 from detloop.yolo_format import check_label_file
 
 log = logging.getLogger(__name__)
