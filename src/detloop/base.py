@@ -21,7 +21,6 @@ from detloop.yolo import load_model
 log = logging.getLogger(__name__)
 
 STAGE = "base"
-PLOT_SUFFIXES = (".png", ".jpg", ".csv", ".yaml")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -43,7 +42,7 @@ def run(cfg: DictConfig) -> dict:
         trainer = model.trainer
         final = tracking.finite_metrics(trainer.metrics or {}, prefix="final/")
         mlflow.log_metrics(final)
-        _log_training_files(Path(trainer.save_dir))
+        tracking.log_training_files(Path(trainer.save_dir))
         info = log_detector(
             trainer.best,
             model_config={**OmegaConf.to_container(cfg.base.predict), "imgsz": train_args["imgsz"]},
@@ -76,13 +75,6 @@ def lineage_key(cfg: DictConfig, anchor: Path) -> dict:
         "config_hash": config_hash(cfg.base),
         "anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl"),
     }
-
-
-def _log_training_files(save_dir: Path) -> None:
-    """Ultralytics' plots, results.csv and args.yaml as run artifacts."""
-    for path in sorted(save_dir.glob("*")):
-        if path.is_file() and path.suffix in PLOT_SUFFIXES:
-            mlflow.log_artifact(str(path), artifact_path="training")
 
 
 def _tag_and_alias(cfg: DictConfig, version: str, run_id: str, anchor: Path) -> None:

@@ -108,9 +108,7 @@ def run(cfg: DictConfig) -> dict:
             trainer = model.trainer
             final = tracking.finite_metrics(trainer.metrics or {}, prefix="final/")
             mlflow.log_metrics(final)
-            for path in sorted(Path(trainer.save_dir).glob("*")):
-                if path.is_file() and path.suffix in (".png", ".jpg", ".csv", ".yaml"):
-                    mlflow.log_artifact(str(path), artifact_path="training")
+            tracking.log_training_files(Path(trainer.save_dir))
             info = log_detector(
                 trainer.best,
                 model_config={**OmegaConf.to_container(cfg.finetune.predict, resolve=True),

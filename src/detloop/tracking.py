@@ -204,6 +204,16 @@ def finite_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+TRAINING_FILE_SUFFIXES = (".png", ".jpg", ".csv", ".yaml")
+
+
+def log_training_files(save_dir: Path) -> None:
+    """Ultralytics' plots, results.csv and args.yaml of a training run as artifacts under ``training/``."""
+    for path in sorted(save_dir.glob("*")):
+        if path.is_file() and path.suffix in TRAINING_FILE_SUFFIXES:
+            mlflow.log_artifact(str(path), artifact_path="training")
+
+
 class EpochLogger:
     """Ultralytics callbacks that log each epoch's losses, val metrics and learning rates."""
 
