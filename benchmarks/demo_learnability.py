@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig
 
 import detloop  # noqa: F401  (sets YOLO_CONFIG_DIR, offline and telemetry switches before Ultralytics)
 from detloop.config import compose
@@ -46,9 +47,10 @@ log = logging.getLogger("demo_learnability")
 
 # ------------------------------------------------------------------------------------------ matching
 def match_image(gt_cls: np.ndarray, gt_box: np.ndarray, pred_cls: np.ndarray, pred_box: np.ndarray,
-                pred_conf: np.ndarray) -> np.ndarray:
+                pred_conf: np.ndarray, class_aware: bool = True) -> np.ndarray:
     """Which ground-truth objects are found (detloop's one-to-one matcher at IoU >= 0.5)."""
-    return found_objects(gt_box, gt_cls, pred_box, pred_cls, pred_conf, iou=IOU_MATCH, conf=0.0)
+    return found_objects(gt_box, gt_cls, pred_box, pred_cls, pred_conf, iou=IOU_MATCH, conf=0.0,
+                         class_aware=class_aware)
 
 
 def label_path(image: Path) -> Path:
@@ -64,8 +66,9 @@ def read_yolo_labels(path: Path, width: int, height: int) -> tuple[np.ndarray, n
     return cls, np.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], axis=1)
 
 
-def detection_rate(model, images: list[Path], imgsz: int = 160) -> dict:
-    """Per-class and overall share of ground-truth objects detected (see match_image)."""
+def detection_rate(model, images: list[Path], imgsz: int = 160, class_aware: bool = True) -> dict:
+    """Per-class and overall share of ground-truth objects detected (see match_image); with
+    ``class_aware=False`` a prediction of any class counts (diagnostic)."""
     found = np.zeros(len(CLASSES), dtype=int)
     total = np.zeros(len(CLASSES), dtype=int)
     for start in range(0, len(images), 32):
@@ -78,7 +81,7 @@ def detection_rate(model, images: list[Path], imgsz: int = 160) -> dict:
             gt_cls, gt_box = read_yolo_labels(label, width, height)
             boxes = result.boxes
             hit = match_image(gt_cls, gt_box, boxes.cls.numpy().astype(int), boxes.xyxy.numpy(),
-                              boxes.conf.numpy())
+                              boxes.conf.numpy(), class_aware)
             np.add.at(total, gt_cls, 1)
             np.add.at(found, gt_cls[hit], 1)
     per_class = {name: round(float(f / t), 3) if t else None
@@ -127,6 +130,32 @@ def mix_lists(data: Path, work: Path, replay: int, seed: int = 0) -> tuple[Path,
     return train_txt, val_txt, by_split.get("holdout", [])
 
 
+def prepare_data(work: Path, overrides: list[str]) -> tuple[DictConfig, Path, dict]:
+    """Write the demo data (config ``overrides`` applied) into ``work/data``; returns the config
+    pointing at it, the data folder and the generation summary (with ``generate_s``)."""
+    data = work / "data"
+    cfg = compose([f"paths.data={data}", f"paths.anchor={data}/anchor", f"paths.pool={data}/pool",
+                   f"paths.inbox={data}/inbox", *overrides])
+    started = time.perf_counter()
+    summary = write_demo_data(cfg)
+    generated = {"generate_s": round(time.perf_counter() - started, 1),
+                 "data": {k: summary[k] for k in ("anchor", "pool", "inbox", "files", "bytes", "changed")}}
+    log.info("demo data: %s", json.dumps(generated["data"]))
+    return cfg, data, generated
+
+
+def train_base(anchor_yaml: Path, runs: Path, epochs: int = BASE_TRAIN["epochs"]) -> tuple[Path, float]:
+    """Train yolov8n from scratch on anchor train/val (BASE_TRAIN) into ``runs/base``; returns
+    (best.pt, wall seconds)."""
+    from ultralytics import YOLO
+
+    started = time.perf_counter()
+    model = YOLO("yolov8n.yaml")
+    model.train(data=str(anchor_yaml), **{**BASE_TRAIN, "epochs": epochs}, project=str(runs), name="base",
+                exist_ok=True)
+    return runs / "base" / "weights" / "best.pt", round(time.perf_counter() - started, 1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,15 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="detloop-learnability-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "data"
-    cfg = compose([f"paths.data={data}", f"paths.anchor={data}/anchor", f"paths.pool={data}/pool",
-                   f"paths.inbox={data}/inbox", *args.overrides])
     report: dict = {"workdir": str(work), "overrides": args.overrides}
-    started = time.perf_counter()
-    summary = write_demo_data(cfg)
-    report["generate_s"] = round(time.perf_counter() - started, 1)
-    report["data"] = {k: summary[k] for k in ("anchor", "pool", "inbox", "files", "bytes", "changed")}
-    log.info("demo data: %s", json.dumps(report["data"]))
+    _, data, generated = prepare_data(work, args.overrides)
+    report.update(generated)
 
     anchor_yaml = write_yaml(work / "anchor.yaml", data / "anchor", "images/train", "images/val",
                              "images/test")
@@ -162,12 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.base:
         best = args.base
     else:
-        started = time.perf_counter()
-        model = YOLO("yolov8n.yaml")
-        model.train(data=str(anchor_yaml), **{**BASE_TRAIN, "epochs": args.epochs}, project=str(runs),
-                    name="base", exist_ok=True)
-        report["base_train_s"] = round(time.perf_counter() - started, 1)
-        best = runs / "base" / "weights" / "best.pt"
+        best, report["base_train_s"] = train_base(anchor_yaml, runs, args.epochs)
     base = YOLO(str(best))
     started = time.perf_counter()
     metrics = base.val(data=str(anchor_yaml), split="test", imgsz=160, batch=16, device="cpu", plots=False,

@@ -23,20 +23,22 @@ log = logging.getLogger(__name__)
 STAGE = "base"
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train, log and register a base model; returns its registry coordinates and final metrics."""
-    model = load_model(cfg.base.model)  # refuses a .pt that would need a download
-    experiment_id = tracking.setup(cfg)  # an unreachable store fails here, before any work
-    out = stage_dir(cfg, STAGE)
-    data_yaml = anchor_yaml(cfg, out)
-    anchor = resolve_path(cfg, "anchor")
-    counts = {f"data.anchor_{s}": count_images(anchor / "images" / s) for s in ("train", "val", "test")}
-    train_args = OmegaConf.to_container(cfg.base.train, resolve=True)
+def train_from_scratch(
+    cfg: DictConfig, group: DictConfig, stage: str, data_yaml: Path, params: dict, run_name: str
+) -> dict:
+    """Train ``group.model`` with ``group.train`` on ``data_yaml`` in one MLflow run and register it.
 
-    with tracking.stage_run(cfg, STAGE, experiment_id, run_name="base") as run:
+    Shared by the ``base`` stage (anchor only) and the ``retrain`` stage (anchor + pool).
+    Returns ``{version, run_id, final}``; aliases and version tags are the caller's.
+    """
+    model = load_model(group.model)  # refuses a .pt that would need a download
+    experiment_id = tracking.setup(cfg)  # an unreachable store fails here, before any work
+    out = stage_dir(cfg, stage)
+    train_args = OmegaConf.to_container(group.train, resolve=True)
+    with tracking.stage_run(cfg, stage, experiment_id, run_name=run_name) as run:
         run_id = run.info.run_id
-        mlflow.log_params(tracking.flat_params(cfg, ["base"]))
-        mlflow.log_params({**counts, "data.anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl")})
+        mlflow.log_params(tracking.flat_params(cfg, [stage]))
+        mlflow.log_params(params)
         tracking.EpochLogger().attach(model)
         model.train(data=str(data_yaml), project=str(out / "runs"), name=run_id, exist_ok=True, **train_args)
         trainer = model.trainer
@@ -45,24 +47,34 @@ def run(cfg: DictConfig) -> dict:
         tracking.log_training_files(Path(trainer.save_dir))
         info = log_detector(
             trainer.best,
-            model_config={**OmegaConf.to_container(cfg.base.predict), "imgsz": train_args["imgsz"]},
+            model_config={**OmegaConf.to_container(group.predict, resolve=True), "imgsz": train_args["imgsz"]},
             registered_model_name=cfg.mlflow.registered_model,
         )
-        version = str(info.registered_model_version)
-        _tag_and_alias(cfg, version, run_id, anchor)
+    return {"version": str(info.registered_model_version), "run_id": run_id, "final": final}
 
-    result = {
-        "name": cfg.mlflow.registered_model,
-        "version": version,
-        "run_id": run_id,
-        "model_uri": f"models:/{cfg.mlflow.registered_model}/{version}",
-    }
+
+def write_result(cfg: DictConfig, stage: str, trained: dict, lineage: dict) -> dict:
+    """``build/<stage>/{model,metrics,lineage}.json``; returns the registry coordinates and metrics."""
+    out = stage_dir(cfg, stage)
+    name, version = cfg.mlflow.registered_model, trained["version"]
+    result = {"name": name, "version": version, "run_id": trained["run_id"], "model_uri": f"models:/{name}/{version}"}
     write_json(out / "model.json", result)
-    write_json(out / "metrics.json", final)
-    write_json(out / "lineage.json", lineage_key(cfg, anchor))
-    objective = final.get(tracking.metric_name("final/metrics/mAP50(B)"))
-    log.info("registered %s version %s (run %s)", result["name"], version, run_id)
-    return {**result, "metrics": final, "objective": objective}
+    write_json(out / "metrics.json", trained["final"])
+    write_json(out / "lineage.json", lineage)
+    log.info("registered %s version %s (run %s)", name, version, trained["run_id"])
+    objective = trained["final"].get(tracking.metric_name("final/metrics/mAP50(B)"))
+    return {**result, "metrics": trained["final"], "objective": objective}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train, log and register a base model; returns its registry coordinates and final metrics."""
+    anchor = resolve_path(cfg, "anchor")
+    data_yaml = anchor_yaml(cfg, stage_dir(cfg, STAGE))
+    counts = {f"data.anchor_{s}": count_images(anchor / "images" / s) for s in ("train", "val", "test")}
+    params = {**counts, "data.anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl")}
+    trained = train_from_scratch(cfg, cfg.base, STAGE, data_yaml, params, run_name="base")
+    _tag_and_alias(cfg, trained["version"], trained["run_id"], anchor)
+    return write_result(cfg, STAGE, trained, lineage_key(cfg, anchor))
 
 
 def lineage_key(cfg: DictConfig, anchor: Path) -> dict:
@@ -85,6 +97,7 @@ def _tag_and_alias(cfg: DictConfig, version: str, run_id: str, anchor: Path) -> 
         {
             "kind": "base",
             "run_id": run_id,
+            "pool.size": 0,
             "lineage.anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl"),
             "lineage.base_model": str(cfg.base.model),
         }

@@ -112,10 +112,11 @@ def cmd_pool_status(args) -> int:
     cfg = _cfg(args)
     tracking.setup(cfg)
     status = pool.trigger_status(cfg, pool.last_finetune_from_registry(cfg))
+    retrain = pool.retrain_status(cfg, pool.last_base_from_registry(cfg))
     if args.json:
-        print(json.dumps(pool.status_report(cfg, status), indent=2, sort_keys=True))
+        print(json.dumps(pool.status_report(cfg, status, retrain), indent=2, sort_keys=True))
     else:
-        print(pool.format_status(cfg, status))
+        print(pool.format_status(cfg, status, retrain))
     return 0
 
 

@@ -7,7 +7,8 @@ Validation (checkpoint selection) is anchor val plus the pool's val slice, so th
 checkpoint is one that learned the new samples without losing the old ones.
 
 Outputs image-path lists (relative to the project root, so they are identical on every machine)
-and ``mix.json`` with the counts, multiplier, seed and the trigger decision.
+and ``mix.json`` with the counts, multiplier, seed and the trigger decision. It also decides whether a
+base retrain from scratch is due (``retrain.json``, the ``retrain`` stage's input).
 """
 
 from __future__ import annotations
@@ -141,8 +142,28 @@ def run(cfg: DictConfig) -> dict:
         log.info("no fine-tune: %s", trigger.message)
     (out / "train.txt").write_text("".join(f"{p}\n" for p in train))
     (out / "val.txt").write_text("".join(f"{p}\n" for p in val))
+    retrain = pool.retrain_status(cfg, pool.last_base_from_registry(cfg))
+    record["retrain"] = retrain["message"]
     write_json(out / "mix.json", record)
+    write_json(out / "retrain.json", retrain_key(cfg, retrain))
+    log.info("%s", retrain["message"])
     return record
+
+
+def retrain_key(cfg: DictConfig, retrain: dict) -> dict:
+    """The retrain stage's input: constant while no retrain is due, so pool additions don't rerun it."""
+    if not retrain["due"]:
+        return {"due": False, "threshold": retrain["threshold"]}
+    last = retrain["last_base"] or {"version": None, "pool_size": 0}
+    return {
+        "due": True,
+        "forced": retrain["forced"],
+        "threshold": retrain["threshold"],
+        "pool_size": retrain["pool_size"],
+        "pool_manifest_sha256": manifest_hash(resolve_path(cfg, "pool") / "manifest.jsonl"),
+        "since_base_version": last["version"],
+        "since_pool_size": last["pool_size"],
+    }
 
 
 main = hydra_entry(run)

@@ -12,7 +12,8 @@ Fine-tune trigger policy (document section 5; ``conf/trigger``):
   one new sample to learn from;
 * ``trigger.force=true`` starts a fine-tune regardless, and the run is recorded as forced.
 
-Retrain check: at ``pool.retrain_threshold`` (2000) verified samples the base is retrained from scratch.
+Retrain check (``conf/retrain``): once ``retrain.threshold`` (2000) verified samples were added since the
+newest base version was trained, a new base is trained from scratch on anchor + pool (stage ``retrain``).
 """
 
 from __future__ import annotations
@@ -120,9 +121,29 @@ def check_reviewed(cfg: DictConfig) -> None:
         raise BadInput(f"{pool}: the pool holds unreviewed or incomplete samples", problems)
 
 
-def retrain_due(cfg: DictConfig) -> bool:
-    """True when the pool holds ``pool.retrain_threshold`` verified samples: retrain the base from scratch."""
-    return len(pool_rows(cfg)) >= int(cfg.pool.retrain_threshold)
+def retrain_status(cfg: DictConfig, last_base: dict | None) -> dict:
+    """Whether a base retrain from scratch is due (document section 6: "merge all data at 2000+ new samples").
+
+    ``last_base`` is ``{version, pool_size}`` of the newest registered base (promoted or not), or None.
+    Due when the pool grew by ``retrain.threshold`` samples since that base was trained, or with
+    ``retrain.force=true``. A base retrain that the gates rejected still counts: the next one waits
+    for another ``threshold`` samples (or ``retrain.force``).
+    """
+    rows = pool_rows(cfg)
+    threshold = int(cfg.retrain.threshold)
+    since = int(last_base["pool_size"]) if last_base else 0
+    new = max(len(rows) - since, 0)
+    forced = bool(cfg.retrain.force)
+    where = f"base v{last_base['version']} (pool {since})" if last_base else "the anchor-only base"
+    due = forced or new >= threshold
+    if forced:
+        message = f"base retrain forced (retrain.force=true): {new}/{threshold} new verified samples since {where}"
+    elif due:
+        message = f"base retrain due: {new} >= {threshold} new verified samples since {where}"
+    else:
+        message = f"base retrain waiting: {new}/{threshold} new verified samples since {where}"
+    return {"due": due, "forced": forced, "threshold": threshold, "pool_size": len(rows), "new_since_base": new,
+            "last_base": last_base, "message": message}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- trigger policy
@@ -242,23 +263,28 @@ def trigger_message(fired: dict[str, bool], new: int, minimum: int) -> str:
 # --------------------------------------------------------------------------- registry
 
 
+def _model_versions(cfg: DictConfig) -> list:
+    """Every version of the registered model (none when it does not exist yet)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name = cfg.mlflow.registered_model
+    try:
+        return list(mlflow.MlflowClient().search_model_versions(f"name='{name}'", max_results=10000))
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+
+
 def last_finetune_from_registry(cfg: DictConfig) -> dict | None:
     """``{version, pool_size, created}`` of the newest fine-tune version of the registered model.
 
     Fine-tunes are the versions tagged ``kind=finetune``; their pool size is the tag ``pool.size``.
     None when the model or such versions do not exist. MLflow must be set up (tracking.setup).
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     name = cfg.mlflow.registered_model
-    try:
-        found = mlflow.MlflowClient().search_model_versions(f"name='{name}'", max_results=10000)
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    finetunes = [v for v in found if (v.tags or {}).get("kind") == "finetune"]
+    finetunes = [v for v in _model_versions(cfg) if (v.tags or {}).get("kind") == "finetune"]
     for version in sorted(finetunes, key=lambda v: int(v.version), reverse=True):
         size = (version.tags or {}).get("pool.size")
         if size is None or not str(size).isdigit():
@@ -270,29 +296,36 @@ def last_finetune_from_registry(cfg: DictConfig) -> dict | None:
     return None
 
 
+def last_base_from_registry(cfg: DictConfig) -> dict | None:
+    """``{version, pool_size}`` of the newest ``kind=base`` version (a base without ``pool.size`` saw no pool)."""
+    bases = [v for v in _model_versions(cfg) if (v.tags or {}).get("kind") == "base"]
+    if not bases:
+        return None
+    newest = max(bases, key=lambda v: int(v.version))
+    size = str((newest.tags or {}).get("pool.size", "0"))
+    return {"version": str(newest.version), "pool_size": int(size) if size.isdigit() else 0}
+
+
 # --------------------------------------------------------------------------- status report
 
 
-def status_report(cfg: DictConfig, status: TriggerStatus) -> dict:
-    """``detloop pool status --json``: the trigger status plus the retrain check."""
-    threshold = int(cfg.pool.retrain_threshold)
-    return {**status.to_dict(), "retrain_threshold": threshold, "retrain_due": status.pool_size >= threshold}
+def status_report(cfg: DictConfig, status: TriggerStatus, retrain: dict) -> dict:
+    """``detloop pool status --json``: the trigger status plus the retrain check (``retrain_status``)."""
+    return {**status.to_dict(), "retrain": retrain}
 
 
-def format_status(cfg: DictConfig, status: TriggerStatus) -> str:
+def format_status(cfg: DictConfig, status: TriggerStatus, retrain: dict) -> str:
     """``detloop pool status`` for the terminal."""
     splits = ", ".join(f"{name} {n}" for name, n in status.split_counts.items())
     last = status.last_finetune
     since = (f"since fine-tune v{last['version']} ({last['created']}, pool {last['pool_size']})" if last
              else "no fine-tune yet")  # fmt: skip
-    report = status_report(cfg, status)
-    retrain = "due: retrain the base on anchor + pool" if report["retrain_due"] else "not yet"
     lines = [
         f"pool: {status.pool_size} verified samples ({splits}) in {resolve_path(cfg, 'pool')}",
         f"new: {status.new_samples} ({since})",
         "triggers:",
         *(f"  [{'x' if _fired(status, reason) else ' '}] {reason}" for reason in status.reasons),
-        f"retrain from scratch at {report['retrain_threshold']} samples: {retrain}",
+        retrain["message"],
         status.message,
     ]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import mlflow
 import pytest
 from tests.conftest import tiny_overrides
 
@@ -92,9 +93,35 @@ def test_check_reviewed_refuses_an_image_without_a_review_record(cfg, tmp_path):
     assert any(str(stray) in p and "without a review record" in p for p in info.value.problems)
 
 
-def test_retrain_is_due_at_the_threshold(overrides, tmp_path):
-    assert pool.retrain_due(with_pool(overrides, tmp_path, 20, "pool.retrain_threshold=20"))
-    assert not pool.retrain_due(with_pool(overrides, tmp_path, 19, "pool.retrain_threshold=20"))
+def test_retrain_is_due_at_the_threshold_of_new_samples_since_the_newest_base(overrides, tmp_path):
+    # given a threshold of 20 and the anchor-only base (no pool samples seen)
+    assert pool.retrain_status(with_pool(overrides, tmp_path, 20, "retrain.threshold=20"), None)["due"]
+    waiting = pool.retrain_status(with_pool(overrides, tmp_path, 19, "retrain.threshold=20"), None)
+    assert not waiting["due"] and waiting["message"].startswith("base retrain waiting: 19/20")
+    # when the newest base was trained on a pool of 15: only 5 (or 24) are new
+    cfg = with_pool(overrides, tmp_path, 20, "retrain.threshold=20")
+    assert not pool.retrain_status(cfg, {"version": "4", "pool_size": 15})["due"]
+    cfg = with_pool(overrides, tmp_path, 39, "retrain.threshold=20")
+    status = pool.retrain_status(cfg, {"version": "4", "pool_size": 15})
+    assert status["due"] and status["new_since_base"] == 24 and "since base v4 (pool 15)" in status["message"]
+
+
+def test_a_forced_retrain_is_due_and_says_so(overrides, tmp_path):
+    status = pool.retrain_status(with_pool(overrides, tmp_path, 3, "retrain.force=true"), None)
+    assert status["due"] and status["forced"] and "forced" in status["message"]
+
+
+def test_last_base_is_the_newest_base_version_with_its_pool_size(cfg):
+    tracking.setup(cfg)
+    assert pool.last_base_from_registry(cfg) is None
+    client = mlflow.MlflowClient()
+    name = cfg.mlflow.registered_model
+    client.create_registered_model(name)
+    client.create_model_version(name, "file:///nowhere", tags={"kind": "base"})
+    client.create_model_version(name, "file:///nowhere", tags={"kind": "finetune", "pool.size": "90"})
+    assert pool.last_base_from_registry(cfg) == {"version": "1", "pool_size": 0}
+    client.create_model_version(name, "file:///nowhere", tags={"kind": "base", "retrain": "true", "pool.size": "40"})
+    assert pool.last_base_from_registry(cfg) == {"version": "3", "pool_size": 40}
 
 
 # --------------------------------------------------------------------------- trigger policy
@@ -164,8 +191,6 @@ def test_force_triggers_regardless_and_is_recorded(overrides, tmp_path):
 
 def test_last_finetune_is_read_from_the_registry(cfg):
     # given a real SQLite MLflow store with a base and two fine-tune versions
-    import mlflow
-
     tracking.setup(cfg)
     assert pool.last_finetune_from_registry(cfg) is None  # no registered model yet
     client = mlflow.MlflowClient()
@@ -190,7 +215,9 @@ def test_cli_pool_status(overrides, capsys):
     assert main(["pool", "status", "--json", *overrides]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["message"] == "waiting: 12/50 new verified samples"
-    assert status["pool_size"] == 12 and status["last_finetune"] is None and status["retrain_due"] is False
+    assert status["pool_size"] == 12 and status["last_finetune"] is None
+    assert status["retrain"]["due"] is False and status["retrain"]["threshold"] == 2000
     assert main(["pool", "status", *overrides]) == 0
     out = capsys.readouterr().out
     assert "pool: 12 verified samples" in out and "[ ] volume: 12/50" in out
+    assert "base retrain waiting: 12/2000 new verified samples since the anchor-only base" in out

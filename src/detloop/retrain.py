@@ -1,0 +1,109 @@
+"""Stage ``retrain``: a new base from scratch on anchor + pool, when the pool has grown enough.
+
+"When fine-tune pool reaches 2000+ samples: base_v2 (original data + all accumulated samples, trained
+from scratch)" (document sections 2 and 6). The mix stage decides whether a retrain is due
+(``build/mix/retrain.json``: constant while it is not, so ordinary pool additions do not rerun this
+stage). When due, the base recipe (``conf/retrain`` = ``conf/base`` unless overridden) trains on anchor
+train + every pool train sample and validates on anchor val + pool val; pool holdout samples (Gate 2's)
+and the anchor test split are never used. The result is registered as a candidate (``kind=base``,
+``retrain=true``) and moves no alias: it takes ``base`` only through the gates (regression on the
+anchor test split), and later fine-tunes then start from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig
+
+from detloop import pool, registry, tracking
+from detloop.base import train_from_scratch, write_result
+from detloop.config import config_hash, resolve_path
+from detloop.manifest import manifest_hash
+from detloop.mix import anchor_images
+from detloop.stage import anchor_names, hydra_entry, read_json, stage_dir, write_json
+
+log = logging.getLogger(__name__)
+
+STAGE = "retrain"
+
+
+def retrain_yaml(cfg: DictConfig, out: Path) -> tuple[Path, dict]:
+    """An Ultralytics data yaml over anchor + pool (absolute image lists), and the counts it holds."""
+    anchor = resolve_path(cfg, "anchor")
+    pool.check_reviewed(cfg)  # never train on unreviewed samples
+    lists = {
+        "train": anchor_images(anchor, "train") + pool.pool_samples(cfg, "train"),
+        "val": anchor_images(anchor, "val") + pool.pool_samples(cfg, "val"),
+    }
+    spec: dict = {"names": anchor_names(anchor)}
+    for split, images in lists.items():
+        path = out / f"{split}.txt"
+        path.write_text("".join(f"{p.resolve()}\n" for p in images))
+        spec[split] = str(path)
+    data_yaml = out / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
+    counts = {
+        "data.anchor_train": len(anchor_images(anchor, "train")),
+        "data.pool_train": len(lists["train"]) - len(anchor_images(anchor, "train")),
+        "data.train": len(lists["train"]),
+        "data.val": len(lists["val"]),
+    }
+    return data_yaml, counts
+
+
+def run(cfg: DictConfig) -> dict:
+    """Retrain the base when ``build/mix/retrain.json`` says it is due; otherwise record the wait."""
+    out = stage_dir(cfg, STAGE)
+    due = read_json(stage_dir(cfg, "mix") / "retrain.json", "the retrain check (stage mix)")
+    if not due.get("due"):
+        message = f"no base retrain: fewer than {due.get('threshold')} new verified samples since the newest base"
+        log.info("%s", message)
+        write_json(out / "model.json", {"skipped": True, "reason": message})
+        write_json(out / "lineage.json", {"stage": STAGE, "skipped": True, "input": due})
+        return {"skipped": True, "reason": message}
+    anchor = resolve_path(cfg, "anchor")
+    pool_sha = manifest_hash(resolve_path(cfg, "pool") / "manifest.jsonl")
+    data_yaml, counts = retrain_yaml(cfg, out)
+    params = {**counts, "data.anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl"),
+              "data.pool_manifest_sha256": pool_sha, "data.pool_size": due["pool_size"]}  # fmt: skip
+    trained = train_from_scratch(cfg, cfg.retrain, STAGE, data_yaml, params, run_name="base retrain")
+    _tag(cfg, trained, due, counts, anchor, pool_sha)
+    lineage = {"stage": STAGE, "config_hash": config_hash(cfg.retrain), "input": due,
+               "anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl")}  # fmt: skip
+    return write_result(cfg, STAGE, trained, lineage)
+
+
+def _tag(cfg: DictConfig, trained: dict, due: dict, counts: dict, anchor: Path, pool_sha: str) -> None:
+    name, version, run_id = cfg.mlflow.registered_model, trained["version"], trained["run_id"]
+    tags = {k: v for k, v in tracking.lineage_tags(cfg, STAGE).items() if k != "stage"}
+    tags.update(
+        {
+            "kind": "base",
+            "retrain": "true",
+            "forced": str(due["forced"]).lower(),
+            "run_id": run_id,
+            "pool.size": due["pool_size"],
+            "pool.train_size": counts["data.pool_train"],
+            "pool.manifest_sha256": pool_sha,
+            "lineage.anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl"),
+            "lineage.base_model": str(cfg.retrain.model),
+            "retrain.since_base_version": due.get("since_base_version") or "",
+        }
+    )
+    registry.set_version_tags(name, version, tags)
+    registry.describe(
+        cfg, version,
+        f"base retrain from scratch: {cfg.retrain.model}, {cfg.retrain.train.epochs} epochs on "
+        f"{counts['data.anchor_train']} anchor + {counts['data.pool_train']} pool train samples (pool of "
+        f"{due['pool_size']}){' (forced)' if due['forced'] else ''}; run {run_id}. A candidate for the `base` "
+        "alias: awaiting the gates.",
+    )  # fmt: skip
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()
