@@ -3,7 +3,8 @@
 Always starts from the registry's ``base`` alias (or a pinned ``finetune.base_version``) and refuses
 a fine-tuned starting point: chained fine-tunes drift (document section 2). Registers a new version
 tagged ``kind=finetune`` and ``base_version=N``; it moves no alias — promotion is the gates' job.
-When the mix stage found no trigger, this stage records the wait and trains nothing.
+When the mix stage found no trigger, this stage records the wait and trains nothing. In a Hydra sweep
+(``-m``) every job's version is gated right away (``detloop.gate``), so the best passing one can be promoted.
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ def run(cfg: DictConfig) -> dict:
     write_json(out / "metrics.json", final)
     write_json(out / "lineage.json", lineage_key(cfg, mix))
     log.info("registered %s version %s, fine-tuned from base v%s (run %s)", name, version, base_version, run_id)
+    if tracking.sweep_dir() is not None:  # every job of a sweep is gated; promote the best passing one by hand
+        from detloop.gate import gate_version
+
+        record = gate_version(cfg, version, alias="production")
+        return {**result, "metrics": final, "decision": record["decision"], "figures": record["figures"],
+                "objective": record["figures"].get("gate.new_samples.detection_rate")}  # fmt: skip
     return {**result, "metrics": final}
 
 

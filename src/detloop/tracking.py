@@ -132,7 +132,7 @@ def flat_params(cfg: DictConfig, keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _hydra_sweep_dir() -> str | None:
+def sweep_dir() -> str | None:
     """The sweep folder when running as one job of a Hydra multirun, else None."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -175,10 +175,10 @@ def stage_run(cfg: DictConfig, stage: str, experiment_id: str, run_name: str | N
 
     tags = lineage_tags(cfg, stage)
     parent = None
-    sweep_dir = _hydra_sweep_dir()
-    if sweep_dir and not os.environ.get("MLFLOW_RUN_ID"):
-        parent = _sweep_parent(experiment_id, sweep_dir, stage)
-        tags[SWEEP_TAG] = sweep_dir
+    sweep = sweep_dir()
+    if sweep and not os.environ.get("MLFLOW_RUN_ID"):
+        parent = _sweep_parent(experiment_id, sweep, stage)
+        tags[SWEEP_TAG] = sweep
     with mlflow.start_run(run_name=run_name, parent_run_id=parent, tags=tags) as run:
         mlflow.set_tags(device_info())
         yield run

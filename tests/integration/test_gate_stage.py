@@ -1,0 +1,106 @@
+"""Stage `gate` on the tiny demo: both models on the same sets, the decision recorded everywhere, no alias moves."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from tests.conftest import ROOT, tiny_overrides
+
+from detloop import gate, registry
+from detloop.base import run as run_base
+from detloop.config import compose
+from detloop.finetune import run as run_finetune
+from detloop.gate import run as run_gate
+from detloop.mix import run as run_mix
+from detloop.retrain import run as run_retrain
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_data):
+    """Given a tiny project with a base (v1, base + production) and a forced fine-tune candidate (v2)."""
+    base = tmp_path_factory.mktemp("gate")
+    shutil.copytree(tiny_data, base / "data")
+    overrides = tiny_overrides(base)
+    run_base(compose(overrides))
+    forced = compose([*overrides, "trigger.force=true"])
+    run_mix(forced)
+    run_finetune(forced)
+    return overrides, base
+
+
+def test_the_gate_compares_the_candidate_with_production_and_records_the_decision(project):
+    overrides, base = project
+    cfg = compose([*overrides, f"gate.ab.data={base / 'data' / 'anchor' / 'images' / 'val'}"])
+    # when the gate stage runs
+    run_gate(cfg)
+    record = json.loads((base / "build" / "gate" / "decision.json").read_text())
+    # then v2 was measured against v1 (production) on the same sets, with every gate
+    assert record["candidate"]["version"] == "2" and record["production"] == {"version": "1", "alias": "production"}
+    assert set(record["gates"]) == {"regression", "new_samples", "ab"}
+    assert record["decision"] == gate.combine(record["gates"])
+    cand, ref = record["measured"]["candidate"], record["measured"]["reference"]
+    assert cand["anchor_test"]["images"] == ref["anchor_test"]["images"] == 8
+    assert cand["ab"]["images"] == 8  # the A/B sample: all 8 labelled images (size 100 > 8)
+    assert record["sets"]["pool_holdout"]["images"] == len(
+        [r for r in map(json.loads, (base / "data/pool/manifest.jsonl").read_text().splitlines())
+         if r["split"] == "holdout"]
+    )  # fmt: skip
+    regression = record["gates"]["regression"]
+    assert regression["drop"] == pytest.approx((ref["anchor_test"]["map50"] - cand["anchor_test"]["map50"]) * 100)
+    # and the decision is a DVC metric, version tags, MLflow metrics and a report on the candidate's run
+    metrics = json.loads((base / "build" / "gate" / "metrics.json").read_text())
+    assert metrics["finetune"]["decision"] == record["decision"]
+    assert metrics["finetune"]["gate.regression.drop"] == pytest.approx(regression["drop"])
+    tags = {v["version"]: v for v in registry.versions(cfg)}["2"]["tags"]
+    assert tags["decision"] == tags["gate.decision"] == record["decision"]
+    assert tags["gate.reference_version"] == "1" and tags["gate.ab.decision"] == record["gates"]["ab"]["decision"]
+    assert float(tags["gate.regression.drop"]) == pytest.approx(regression["drop"], abs=1e-4)
+    run = mlflow.get_run(record["candidate"]["run_id"])
+    assert run.data.metrics["gate.regression.candidate_map50"] == pytest.approx(cand["anchor_test"]["map50"])
+    assert run.data.tags["gate.decision"] == record["decision"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "gate")}
+    assert artifacts == {"gate/report.md", "gate/per_class.png", "gate/decision.json"}
+    # and no alias moved: that is the promote stage's job
+    assert registry.alias_holder(cfg.mlflow.registered_model, "production") == "1"
+    assert (base / "build" / "gate" / "retrain.json").read_text().startswith('{\n  "reason"')
+
+
+def test_a_retrained_base_is_gated_against_the_base_alias(project):
+    overrides, base = project
+    cfg = compose([*overrides, "retrain.force=true"])
+    run_mix(cfg)
+    version = run_retrain(cfg)["version"]
+    run_gate(compose(overrides))
+    record = json.loads((base / "build" / "gate" / "retrain.json").read_text())
+    assert record["candidate"] == {**record["candidate"], "version": version, "kind": "base"}
+    assert record["production"] == {"version": "1", "alias": "base"}
+    assert registry.alias_holder(cfg.mlflow.registered_model, "base") == "1"
+
+
+def test_every_job_of_a_finetune_sweep_is_gated_under_one_parent_run(project):
+    overrides, base = project
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run_mix(compose([*overrides, "trigger.force=true"]))
+    done = subprocess.run(
+        [sys.executable, "-m", "detloop.finetune", "-m", "finetune.train.lr0=0.001,0.01", "trigger.force=true",
+         *overrides, f"hydra.sweep.dir={base / 'sweep'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = compose(overrides)
+    swept = [v for v in registry.versions(cfg) if v["tags"].get("lineage.config_hash") and v["tags"].get("kind") ==
+             "finetune" and mlflow.get_run(v["run_id"]).data.tags.get("detloop.sweep_dir") == str(base / "sweep")]  # fmt: skip
+    assert len(swept) == 2
+    for version in swept:
+        assert version["tags"]["gate.decision"] in ("pass", "review", "reject")
+        assert version["tags"]["gate.reference_version"] == "1" and version["aliases"] == []
+    parents = {mlflow.get_run(v["run_id"]).data.tags.get("mlflow.parentRunId") for v in swept}
+    assert len(parents) == 1 and None not in parents
