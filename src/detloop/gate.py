@@ -32,6 +32,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow.entities import Metric
 from omegaconf import DictConfig
 
 from detloop import evaluator, pool, registry, tracking
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 STAGE = "gate"
 # candidate source stage -> (decision file, alias it is compared with)
 SOURCES = {"finetune": ("decision.json", "production"), "retrain": ("retrain.json", "base")}
+# the figures also kept as version tags (the registry page shows tags; every figure is a run metric)
+TAG_FIGURES = ("gate.regression.drop", "gate.regression.candidate_map50", "gate.new_samples.detection_rate",
+               "gate.ab.worst_drop")  # fmt: skip
 SWEEP_HINT = "python -m detloop.finetune -m finetune.train.lr0=0.001,0.01 finetune.train.freeze=0,10"
 
 
@@ -296,14 +300,20 @@ def _record(cfg: DictConfig, record: dict) -> None:
         "gate.time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     tags.update({f"gate.{key}.decision": g["decision"] for key, g in record["gates"].items()})
-    tags.update({key: f"{value:.4f}" for key, value in record["figures"].items() if ".per_class." not in key})
+    tags.update({key: f"{record['figures'][key]:.4f}" for key in TAG_FIGURES if key in record["figures"]})
     registry.set_version_tags(name, version, tags)
     run_id = record["candidate"]["run_id"]
     if not run_id:
         return
     client = mlflow.MlflowClient()
-    for key, value in record["figures"].items():
-        client.log_metric(run_id, key, value)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in record["figures"].items()])
+    # both models' figures under the same names, so the MLflow compare view lines them up
+    reference_run = registry.client().get_model_version(name, record["production"]["version"]).run_id
+    for role, rid in (("candidate", run_id), ("reference", reference_run)):
+        if rid:
+            found = set_metrics(record["measured"][role])
+            client.log_batch(rid, metrics=[Metric(k, v, now, int(version)) for k, v in found.items()])
     client.set_tag(run_id, "gate.decision", record["decision"])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gate"
@@ -312,6 +322,19 @@ def _record(cfg: DictConfig, record: dict) -> None:
         (folder / "decision.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=float))
         per_class_plot(record, folder / "per_class.png")
         client.log_artifacts(run_id, str(folder), artifact_path="gate")
+
+
+def set_metrics(measured: dict) -> dict[str, float]:
+    """``gate/<set>/<figure>`` metrics of one model (the same names for candidate and reference)."""
+    out = {}
+    for key, m in measured.items():
+        if not m.get("objects"):
+            continue
+        for figure in ("map50", "map50_95", "detection_rate", "detection_rate_any_class"):
+            out[f"gate/{key}/{figure}"] = m[figure]
+        out.update({f"gate/{key}/detection_rate/{cls}": v for cls, v in m["detection_rate_per_class"].items()})
+        out.update({f"gate/{key}/ap50/{cls}": v for cls, v in m["ap50"].items()})
+    return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
 
 
 def report_markdown(record: dict) -> str:

@@ -148,10 +148,13 @@ def test_reviewed_samples_rerun_mix_and_finetune_only(repo):
     sh(repo, "detloop", "review", "accept", "--all", "--reviewer", "e2e-reviewer")
     # then data.dvc records the new pool version and only the stages reading the pool rerun
     assert "data.dvc" in git(repo, "status", "--porcelain")
-    assert stages_to_run(repo) == {"mix"}
+    assert stages_to_run(repo) == {"mix", "gate"}  # the gate measures on the pool holdout
     out = sh(repo, "dvc", "repro").stdout
     assert "Running stage 'mix'" in out and "Running stage 'finetune'" in out
     assert "Running stage 'base'" not in out and "Running stage 'evaluate'" not in out
+    assert "Running stage 'retrain'" not in out  # its input stays constant until a retrain is due
+    # and with no fine-tune candidate the gate and promotion record that there was nothing to do
+    assert json.loads((repo / "build" / "gate" / "decision.json").read_text())["skipped"]
     mix = json.loads((repo / "build" / "mix" / "mix.json").read_text())
     assert mix["pool_size"] == TINY["conf/demo/default.yaml"]["failures.pool"] + 4
     assert mix["trigger"].startswith("waiting:")  # below 50 new samples nothing is trained
@@ -168,7 +171,8 @@ def test_editing_evaluate_conf_reruns_only_evaluate(repo):
 
 def test_editing_base_conf_reruns_base_and_its_dependents_with_the_new_value(repo):
     set_yaml(repo / "conf/base/default.yaml", "train.lr0", 0.002)
-    assert stages_to_run(repo) == {"base"}  # evaluate follows from base's new lineage key
+    assert stages_to_run(repo) == {"base", "retrain"}  # evaluate follows from base's new lineage key
+    # (retrain reads the base recipe; with no retrain due it records the wait and trains nothing)
     out = sh(repo, "dvc", "repro").stdout
     assert "Running stage 'base'" in out and "Running stage 'evaluate'" in out
     assert base_runs(repo)[-1].data.params["base.train.lr0"] == "0.002"

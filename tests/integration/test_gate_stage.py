@@ -63,9 +63,14 @@ def test_the_gate_compares_the_candidate_with_production_and_records_the_decisio
     assert tags["decision"] == tags["gate.decision"] == record["decision"]
     assert tags["gate.reference_version"] == "1" and tags["gate.ab.decision"] == record["gates"]["ab"]["decision"]
     assert float(tags["gate.regression.drop"]) == pytest.approx(regression["drop"], abs=1e-4)
+    assert not any(".per_class." in key for key in tags)  # per-class figures are run metrics only
     run = mlflow.get_run(record["candidate"]["run_id"])
     assert run.data.metrics["gate.regression.candidate_map50"] == pytest.approx(cand["anchor_test"]["map50"])
     assert run.data.tags["gate.decision"] == record["decision"]
+    # both models' figures on the same sets under the same names, for the MLflow compare view
+    reference = mlflow.get_run(registry.client().get_model_version(cfg.mlflow.registered_model, "1").run_id)
+    assert run.data.metrics["gate/anchor_test/map50"] == pytest.approx(cand["anchor_test"]["map50"])
+    assert reference.data.metrics["gate/anchor_test/map50"] == pytest.approx(ref["anchor_test"]["map50"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "gate")}
     assert artifacts == {"gate/report.md", "gate/per_class.png", "gate/decision.json"}
     # and no alias moved: that is the promote stage's job
