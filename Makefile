@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 OPENCV := opencv-python-headless==4.14.0.94
 PYTEST_ARGS ?=
 
-.PHONY: install demo test ui lint clean-build
+.PHONY: install chromium demo test ui lint clean-build
 
 install: $(STAMP)
 
@@ -38,8 +38,15 @@ demo: install
 	@echo "Metrics: $(BIN)/dvc metrics show"
 	@echo "MLflow UI: make ui   (then open http://127.0.0.1:5000)"
 
-test: install
+test: install chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Headless Chromium renders the MLflow UI and the FiftyOne App in the UI tests (Debian package chromium).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "installing Debian's chromium for the UI tests"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
