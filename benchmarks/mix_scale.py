@@ -13,7 +13,10 @@ valid manifest (splits fixed by ``detloop.manifest.split_for``, as ``detloop rev
   of FiftyOne", for the same selection, in a child process: import anchor train/val and the pool into a
   (non-persistent) dataset with ``fo.types.YOLOv5Dataset``, take the same number of anchor train samples
   with ``take(n, seed=...)`` plus the pool train samples (and anchor val + pool val), and ``export`` them
-  as a YOLOv5 training set on disk. Start-up (import fiftyone, start its MongoDB) is timed apart.
+  as a YOLOv5 training set on disk. Start-up (start the bundled MongoDB, import fiftyone, connect) is
+  timed apart; the MongoDB is the bundled ``mongod`` started on its own port and data folder.
+  (A child process because ``import fiftyone`` 1.22 fails with ``KeyError: 'author'`` once MLflow has
+  imported ``importlib_metadata`` 9; for the same reason ``detloop.mix`` is imported where it is used.)
 
 Results go to ``build/benchmarks/mix_scale.json``; the load average is recorded next to every timing.
 
@@ -23,12 +26,15 @@ Results go to ``build/benchmarks/mix_scale.json``; the load average is recorded 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
+import logging
 import os
 import platform
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +53,6 @@ from detloop import pool  # noqa: E402
 from detloop.config import compose, resolve_path  # noqa: E402
 from detloop.demo_data import CLASSES  # noqa: E402
 from detloop.manifest import manifest_line, read_manifest, sha256_bytes, split_for  # noqa: E402
-from detloop.mix import _relative, build_mix  # noqa: E402
 from detloop.stage import stage_dir, write_json  # noqa: E402
 
 SIZE = (64, 48)
@@ -102,7 +107,8 @@ def write_data(cfg, counts: dict[str, int]) -> None:
         rows += [{"id": i, "split": split, "sha256": h, "source": "bench"} for i, h in zip(ids, hashes, strict=True)]
     (anchor / "manifest.jsonl").write_text("".join(manifest_line(r) for r in rows))
     names = "".join(f"  {i}: {name}\n" for i, name in enumerate(CLASSES))
-    (anchor / "data.yaml").write_text(f"train: images/train\nval: images/val\ntest: images/test\nnc: 6\nnames:\n{names}")
+    splits = "train: images/train\nval: images/val\ntest: images/test\n"
+    (anchor / "data.yaml").write_text(f"{splits}nc: {len(CLASSES)}\nnames:\n{names}")
     ids = [f"report-{i:05d}" for i in range(counts["pool"])]
     hashes = write_samples(pool_dir, "pool", ids)
     fractions = dict(cfg.pool.split)
@@ -142,20 +148,25 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def stage_without_mlflow(cfg) -> dict:
-    """What ``detloop.mix.run`` does, minus MLflow: no registry query (no fine-tune yet), same outputs."""
+    """What ``detloop.mix.run`` does, minus MLflow: no registry queries (no fine-tune or base yet), same outputs."""
+    from detloop.mix import _relative, build_mix, retrain_key
+
     pool.check_reviewed(cfg)
     trigger = pool.trigger_status(cfg, None)
     mix = build_mix(cfg, trigger)
-    root = ROOT
-    train, val = _relative(mix["train"], root), _relative(mix["val"], root)
+    train, val = _relative(mix["train"], ROOT), _relative(mix["val"], ROOT)
     out = stage_dir(cfg, "mix")
     (out / "train.txt").write_text("".join(f"{p}\n" for p in train))
     (out / "val.txt").write_text("".join(f"{p}\n" for p in val))
-    write_json(out / "mix.json", mix["record"])
+    retrain = pool.retrain_status(cfg, None)
+    write_json(out / "mix.json", mix["record"] | {"retrain": retrain["message"]})
+    write_json(out / "retrain.json", retrain_key(cfg, retrain))
     return mix
 
 
 def time_detloop(cfg, repeats: int) -> dict:
+    from detloop.mix import build_mix
+
     trigger = pool.trigger_status(cfg, None)
     build, stage, loads = [], [], []
     mix: dict = {}
@@ -186,14 +197,13 @@ def time_cli(overrides: list[str], workdir: Path, runs: int) -> list[dict]:
 def fiftyone_child(params: dict) -> dict:
     """The tutorial's route for the selection in ``params``; runs in its own process (own MongoDB)."""
     start = time.perf_counter()
-    before = load()
     import fiftyone as fo
     from fiftyone import ViewField as F
 
     imported = time.perf_counter()
-    fo.list_datasets()  # starts the bundled MongoDB
-    startup = {"import_fiftyone_s": round(imported - start, 2), "database_start_s": round(time.perf_counter() - imported, 2),
-               "load": before}  # fmt: skip
+    fo.list_datasets()  # connects to the database (and checks its schema version)
+    started = time.perf_counter()
+    startup = {"import_fiftyone_s": round(imported - start, 2), "connect_s": round(started - imported, 2)}
     anchor, pool_dir, workdir = Path(params["anchor"]), Path(params["pool"]), Path(params["workdir"])
     pool_yaml = workdir / "fiftyone" / "pool.yaml"
     pool_yaml.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +218,7 @@ def fiftyone_child(params: dict) -> dict:
         dataset = fo.Dataset()  # non-persistent
         common = {"dataset_type": fo.types.YOLOv5Dataset, "label_field": "ground_truth"}
         for split in ("train", "val"):
-            dataset.add_dir(dataset_dir=str(anchor), yaml_path="data.yaml", split=split, tags=["anchor", split], **common)
+            dataset.add_dir(yaml_path=str(anchor / "data.yaml"), split=split, tags=["anchor", split], **common)
         dataset.add_dir(yaml_path=str(pool_yaml), split="pool", tags=["pool"], **common)
         pool_view = dataset.match_tags("pool")
         split_of = {row_["id"]: row_["split"] for row_ in read_manifest(pool_dir / "manifest.jsonl")}
@@ -228,33 +238,72 @@ def fiftyone_child(params: dict) -> dict:
         dataset.delete()
         row |= {"import_s": round(t1 - t0, 2), "selection_s": round(t2 - t1, 2), "export_s": round(t3 - t2, 2),
                 "total_s": round(t3 - t0, 2), "cleanup_s": round(time.perf_counter() - t3, 2),
-                "samples_imported": samples, "exported_train": len(list((export_dir / "images/train").iterdir())),
-                "exported_val": len(list((export_dir / "images/val").iterdir())), "export_mb": folder_mb(export_dir)}  # fmt: skip
+                "samples_imported": samples, "export_mb": folder_mb(export_dir),
+                "exported_train": len(list((export_dir / "images/train").iterdir())),
+                "exported_val": len(list((export_dir / "images/val").iterdir()))}  # fmt: skip
         runs.append(row)
     return {"fiftyone_version": fo.__version__, "startup": startup, "runs": runs}
 
 
 def time_fiftyone(params: dict, workdir: Path) -> dict:
-    """Run :func:`fiftyone_child` in a child process with its database in the work folder."""
+    """Run :func:`fiftyone_child` in a child process against a MongoDB of its own in the work folder.
+
+    FiftyOne's bundled database service attaches to any running FiftyOne database service of the same
+    user, whatever ``FIFTYONE_DATABASE_DIR`` says; so the bundled ``mongod`` is started here, on a free
+    port, and FiftyOne connects to it by ``FIFTYONE_DATABASE_URI`` (the start is timed like FiftyOne's).
+    """
     db = workdir / "fiftyone" / "db"
     shutil.rmtree(db, ignore_errors=True)
-    db.mkdir(parents=True)
+    (db / "log").mkdir(parents=True)
     (workdir / "fiftyone" / "params.json").write_text(json.dumps(params))
-    env = {**os.environ, "FIFTYONE_DATABASE_DIR": str(db), "FIFTYONE_DO_NOT_TRACK": "true",
-           "FIFTYONE_SHOW_PROGRESS_BARS": "false", "FIFTYONE_DATABASE_VALIDATION": "false"}  # fmt: skip
-    result = workdir / "fiftyone" / "result.json"
-    cmd = [sys.executable, __file__, "--fiftyone-child", str(workdir / "fiftyone" / "params.json"), str(result)]
-    subprocess.run(cmd, check=True, env=env)
-    wait_for_database_stop(db)
-    return json.loads(result.read_text())
+    port = free_port()
+    before = load()
+    start = time.perf_counter()
+    mongod = subprocess.Popen(
+        [str(bundled_mongod()), "--dbpath", str(db), "--logpath", str(db / "log" / "mongo.log"),
+         "--port", str(port), "--bind_ip", "127.0.0.1", "--nounixsocket"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, mongod)
+        mongod_start = time.perf_counter() - start
+        env = {**os.environ, "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{port}", "FIFTYONE_DO_NOT_TRACK": "true",
+               "FIFTYONE_SHOW_PROGRESS_BARS": "false", "FIFTYONE_DATABASE_VALIDATION": "false"}  # fmt: skip
+        result = workdir / "fiftyone" / "result.json"
+        cmd = [sys.executable, __file__, "--fiftyone-child", str(workdir / "fiftyone" / "params.json"), str(result)]
+        subprocess.run(cmd, check=True, env=env)
+    finally:
+        mongod.terminate()
+        mongod.wait(timeout=60)
+    report = json.loads(result.read_text())
+    report["startup"] |= {"mongod_start_s": round(mongod_start, 2), "load": before}
+    return report | {"database_mb": folder_mb(db)}
 
 
-def wait_for_database_stop(db: Path, timeout: float = 60.0) -> None:
-    """FiftyOne's database service stops itself once its last client exits; mongod empties its lock file."""
-    lock = db / "mongod.lock"
+def bundled_mongod() -> Path:
+    """The ``mongod`` FiftyOne ships (found without importing fiftyone, which must not load after MLflow)."""
+    spec = importlib.util.find_spec("fiftyone")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("fiftyone is not installed in this environment")
+    return Path(spec.origin).parent / "db" / "bin" / "mongod"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
-    while lock.is_file() and lock.stat().st_size > 0 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mongod exited with {process.returncode} before accepting connections")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"mongod did not accept connections on port {port} within {timeout:.0f} s")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -268,15 +317,16 @@ def print_table(report: dict) -> None:
     rows = [
         (f"detloop build_mix ({m['new_train']} new + {m['old_train']} replayed, {len(d['build_mix_s'])} runs)",
          span(d["build_mix_s"])),
-        ("detloop stage work without MLflow (review check, trigger, lists, mix.json)", span(d["stage_without_mlflow_s"])),
+        ("detloop stage work without MLflow (review check, trigger, retrain check, writing the lists)",
+         span(d["stage_without_mlflow_s"])),
     ]  # fmt: skip
     rows += [(f"python -m detloop.mix end to end ({c['mlflow_store']} MLflow store)", f"{c['seconds']:.2f} s")
              for c in report["cli"]]  # fmt: skip
     fo_report = report.get("fiftyone")
     if fo_report:
         s = fo_report["startup"]
-        rows.append(("FiftyOne start-up: import fiftyone + start MongoDB",
-                     f"{s['import_fiftyone_s']:.2f} + {s['database_start_s']:.2f} s"))  # fmt: skip
+        rows.append(("FiftyOne start-up: start MongoDB + import fiftyone + connect",
+                     f"{s['mongod_start_s']:.2f} + {s['import_fiftyone_s']:.2f} + {s['connect_s']:.2f} s"))  # fmt: skip
         for key, label in (("import_s", "import"), ("selection_s", "selection"), ("export_s", "export"),
                            ("total_s", "total (without start-up)")):  # fmt: skip
             rows.append((f"FiftyOne {label}", span([r[key] for r in fo_report["runs"]], "s")))
@@ -298,6 +348,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="sanity run: 2,000 anchor images, 1 FiftyOne run")
     parser.add_argument("--fiftyone-child", nargs=2, metavar=("PARAMS", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    logging.getLogger("detloop.mix").setLevel(logging.ERROR)  # --quick: a warning per run (anchor train is short)
     if args.fiftyone_child:
         params, result = (Path(p) for p in args.fiftyone_child)
         result.write_text(json.dumps(fiftyone_child(json.loads(params.read_text()))))

@@ -51,8 +51,7 @@ def cmd_registry(args) -> int:
             print(json.dumps(rows, indent=2))
         else:
             for r in rows:
-                print(f"{r['time']}  {r['alias']:<10} v{r['from_version'] or '-'} -> v{r['to_version']}"
-                      f"  by {r['who']} ({r['decision']}): {r['why']}")  # fmt: skip
+                print(format_move(r))
         return 0
     rows = registry.versions(cfg)
     if args.json:
@@ -62,6 +61,45 @@ def cmd_registry(args) -> int:
     else:
         print(f"registered model {cfg.mlflow.registered_model} @ {tracking.tracking_uri(cfg)}")
         print(registry.format_table(rows))
+    return 0
+
+
+def format_move(move: dict) -> str:
+    """One audit record: time, alias, from -> to, who, decision, why (and forced / interrupted marks)."""
+    target = f"v{move['to_version']}" if move["to_version"] else "-"
+    marks = "".join([" [forced]" if move.get("forced") else "",
+                     f" [{move['state']}]" if move.get("state", "done") != "done" else ""])  # fmt: skip
+    return (f"{move['time']}  {move['alias']:<10} v{move['from_version'] or '-'} -> {target}"
+            f"  by {move['who']} ({move['decision']}){marks}: {move['why']}")  # fmt: skip
+
+
+def cmd_promote(args) -> int:
+    from detloop import tracking
+    from detloop.promote import promote_version
+
+    cfg = _cfg(args)
+    tracking.setup(cfg)
+    result = promote_version(cfg, args.version, reviewer=args.reviewer, reason=args.reason, force=args.force,
+                             alias=args.alias)  # fmt: skip
+    if not result["moved"]:
+        print(f"{args.alias}: v{args.version} already holds it; nothing changed")
+        return 0
+    forced = " (forced)" if result["forced"] else ""
+    print(f"{result['alias']}: v{result['from'] or '-'} -> v{result['to']}{forced} by {args.reviewer}: {args.reason}")
+    if result["alias"] == "production" and result["from"]:
+        print(f"v{result['from']} stays registered; undo with: detloop rollback --reason TEXT")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from detloop import tracking
+    from detloop.promote import rollback
+
+    cfg = _cfg(args)
+    tracking.setup(cfg)
+    result = rollback(cfg, to=args.to, reviewer=args.reviewer, reason=args.reason)
+    print(f"production: v{result['from']} -> v{result['to']} (rollback) by {result['reviewer']}: {result['reason']}")
+    print(f"v{result['from']} is tagged rolled_back=true and stays registered")
     return 0
 
 
@@ -145,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_registry)
     _add_loop_parsers(sub)
+    _add_decision_parsers(sub)
     return parser
 
 
@@ -180,6 +219,36 @@ def _add_loop_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_pool_status)
+
+
+def _add_decision_parsers(sub) -> None:
+    """``promote`` and ``rollback``: human decisions, recorded with who and why in the audit trail."""
+    p = sub.add_parser(
+        "promote", help="give a version an alias (default production) after human review; needs the gate's record",
+        description="Give VERSION an alias in one atomic registry call, recorded with reviewer and reason. "
+        "Refuses (exit 2) a version without a gate record (tag gate.decision) or one the gate rejected, "
+        "unless --force (recorded as forced). 'base' only goes to a base model.",
+    )  # fmt: skip
+    p.add_argument("version", help="the registered model version, e.g. 3 (see detloop registry)")
+    p.add_argument("--reviewer", required=True, help="who decides (recorded)")
+    p.add_argument("--reason", required=True, help="why (recorded)")
+    p.add_argument("--force", action="store_true", help="promote without a gate record or against a reject (recorded)")
+    p.add_argument("--alias", choices=["production", "staging", "base"], default="production",
+                   help="the alias to move (default: production)")  # fmt: skip
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser(
+        "rollback", help="give production back to the previous version (from the audit trail) or to --to VERSION",
+        description="Walk back: production returns to the version that held it before the current one got it "
+        "(two rollbacks go two versions back). The rolled-back version is tagged rolled_back=true. Exit 2 "
+        "when there is no previous version.",
+    )  # fmt: skip
+    p.add_argument("--to", metavar="VERSION", help="a version that served in production before")
+    p.add_argument("--reviewer", help="who decides (default: the current user)")
+    p.add_argument("--reason", help="why (recorded)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_rollback)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

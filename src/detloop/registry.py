@@ -14,8 +14,11 @@ import logging
 from datetime import UTC, datetime
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
+
+from detloop.tracking import default_artifact_root
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ def alias_holder(name: str, alias: str) -> str | None:
 MODEL_DESCRIPTION = (
     "The detloop detector. Aliases: `base` = the model every fine-tune starts from; "
     "`production` = the served model; `staging` = a candidate waiting for human review. "
-    "Version tags: `kind` (base|finetune), `decision` (pass|review|reject|bootstrap), gate figures and "
+    "Version tags: `kind` (base|finetune), `decision` (pass|review|reject|bootstrap), gate figures (`gate.*`), "
+    "`rollback_to` (the production version it replaced), `rolled_back`, `promoted_by`, `promote_reason` and "
     "`lineage.*` (git commit, data.dvc md5, config hash, run id). Every alias move (who, when, why) is a run "
     "in the experiment `{audit}`."
 )
@@ -67,19 +71,54 @@ def move_alias(
     who: str | None = None,
     decision: str = "",
     figures: dict | None = None,
+    tags: dict | None = None,
 ) -> str | None:
     """Give ``alias`` to ``version`` in one registry call and record the move; returns the previous holder.
 
     ``set_registered_model_alias`` reassigns an alias atomically, so exactly one version holds it
     at every moment. A move to the version that already holds it records nothing (idempotent).
+    The audit run is opened (RUNNING) before the alias moves and finished after it: a process killed
+    in between leaves a RUNNING record that :func:`reconcile` settles on the next move.
     """
     name = cfg.mlflow.registered_model
+    version = str(version)
+    reconcile(cfg, alias)
     previous = alias_holder(name, alias)
-    if previous == str(version):
+    if previous == version:
         return previous
-    client().set_registered_model_alias(name, alias, str(version))
-    record_move(cfg, alias, previous, str(version), why=why, who=who, decision=decision, figures=figures)
+    run_id = record_move(cfg, alias, previous, version, why=why, who=who, decision=decision, figures=figures, tags=tags)
+    client().set_registered_model_alias(name, alias, version)
+    client().set_terminated(run_id, "FINISHED")
+    log.info("%s: v%s -> v%s (%s: %s)", alias, previous or "-", version, who or getpass.getuser(), why)
     return previous
+
+
+def clear_alias(cfg: DictConfig, alias: str, *, why: str, who: str | None = None, decision: str = "") -> str | None:
+    """Take ``alias`` away from its holder (recorded as a move to no version); returns the previous holder."""
+    name = cfg.mlflow.registered_model
+    reconcile(cfg, alias)
+    previous = alias_holder(name, alias)
+    if previous is None:
+        return None
+    run_id = record_move(cfg, alias, previous, "", why=why, who=who, decision=decision, figures=None)
+    client().delete_registered_model_alias(name, alias)
+    client().set_terminated(run_id, "FINISHED")
+    log.info("%s: v%s -> - (%s: %s)", alias, previous, who or getpass.getuser(), why)
+    return previous
+
+
+def audit_experiment_id(cfg: DictConfig, create: bool = True) -> str | None:
+    """The audit experiment's id (created on first use, also when another process races to create it)."""
+    c = client()
+    exp = c.get_experiment_by_name(cfg.mlflow.audit_experiment)
+    if exp is not None or not create:
+        return exp.experiment_id if exp else None
+    try:
+        return c.create_experiment(cfg.mlflow.audit_experiment, artifact_location=default_artifact_root(cfg))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return c.get_experiment_by_name(cfg.mlflow.audit_experiment).experiment_id
 
 
 def record_move(
@@ -92,14 +131,19 @@ def record_move(
     who: str | None,
     decision: str,
     figures: dict | None,
-) -> None:
-    """One audit run per alias move, in the audit experiment (visible in the MLflow UI)."""
+    tags: dict | None = None,
+) -> str:
+    """Open the audit run of one alias move (visible in the MLflow UI); returns its run id.
+
+    The run stays RUNNING until the caller has moved the alias and terminates it. Numeric figures
+    are logged as metrics; ``tags`` adds audit tags (e.g. ``audit.forced``). ``version`` '' = alias removed.
+    """
     c = client()
-    exp = c.get_experiment_by_name(cfg.mlflow.audit_experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(cfg.mlflow.audit_experiment)
+    exp_id = audit_experiment_id(cfg)
     who = who or getpass.getuser()
     when = datetime.now(UTC).isoformat(timespec="seconds")
-    tags = {
+    target = f"v{version}" if version else "-"
+    all_tags = {
         "audit.model": cfg.mlflow.registered_model,
         "audit.alias": alias,
         "audit.from_version": previous or "",
@@ -109,34 +153,81 @@ def record_move(
         "audit.decision": decision,
         "audit.time": when,
         "audit.figures": json.dumps(figures or {}, sort_keys=True),
-        "mlflow.note.content": f"{alias}: v{previous or '-'} -> v{version} by {who}: {why}",
+        "mlflow.note.content": f"{alias}: v{previous or '-'} -> {target} by {who}: {why}",
+        **{k: str(v) for k, v in (tags or {}).items()},
     }
-    run = c.create_run(exp_id, run_name=f"{alias} v{previous or '-'}->v{version}", tags=tags)
-    for key, value in (figures or {}).items():
-        if isinstance(value, int | float):
-            c.log_metric(run.info.run_id, key, float(value))
-    c.set_terminated(run.info.run_id)
-    log.info("%s: v%s -> v%s (%s, %s)", alias, previous or "-", version, who, why)
+    run = c.create_run(exp_id, run_name=f"{alias} v{previous or '-'}->{target}", tags=all_tags)
+    numbers = {k: float(v) for k, v in (figures or {}).items() if type(v) in (int, float)}
+    if numbers:
+        stamp = int(datetime.now(UTC).timestamp() * 1000)
+        c.log_batch(run.info.run_id, metrics=[Metric(k, v, stamp, 0) for k, v in numbers.items()])
+    return run.info.run_id
+
+
+def reconcile(cfg: DictConfig, alias: str) -> None:
+    """Settle audit runs of ``alias`` left RUNNING by a process killed during a move.
+
+    The move happened exactly when the alias holder is the record's target: FINISHED then, else FAILED
+    (shown as ``interrupted`` by :func:`history`). A live mover that is settled early finishes its own run.
+    """
+    exp_id = audit_experiment_id(cfg, create=False)
+    if exp_id is None:
+        return
+    c = client()
+    name = cfg.mlflow.registered_model
+    query = f"tags.`audit.model` = '{name}' and tags.`audit.alias` = '{alias}' and attributes.status = 'RUNNING'"
+    pending = c.search_runs([exp_id], filter_string=query, max_results=1000)
+    if not pending:
+        return
+    holder = alias_holder(name, alias) or ""
+    for run in pending:
+        moved = run.data.tags.get("audit.to_version", "") == holder
+        c.set_terminated(run.info.run_id, "FINISHED" if moved else "FAILED")
+        note = run.data.tags.get("mlflow.note.content", "")
+        log.warning("interrupted alias move %s (%s): %s", run.info.run_id, note, "done" if moved else "not done")
+
+
+STATES = {"FINISHED": "done", "FAILED": "interrupted", "KILLED": "interrupted", "RUNNING": "pending"}
 
 
 def history(cfg: DictConfig) -> list[dict]:
-    """Every recorded alias move, oldest first."""
-    c = client()
-    exp = c.get_experiment_by_name(cfg.mlflow.audit_experiment)
-    if exp is None:
+    """Every recorded alias move, oldest first.
+
+    ``state`` is ``done`` for moves that happened, ``interrupted`` for moves that did not, and
+    ``pending`` for one in flight (or killed and not yet settled by :func:`reconcile`).
+    """
+    exp_id = audit_experiment_id(cfg, create=False)
+    if exp_id is None:
         return []
-    runs = c.search_runs(
-        [exp.experiment_id],
+    runs = client().search_runs(
+        [exp_id],
         filter_string=f"tags.`audit.model` = '{cfg.mlflow.registered_model}'",
         order_by=["attributes.start_time ASC"],
         max_results=10000,
     )
     keys = ("alias", "from_version", "to_version", "who", "why", "decision", "time")
-    return [{k: r.data.tags.get(f"audit.{k}", "") for k in keys} for r in runs]
+    return [
+        {
+            **{k: r.data.tags.get(f"audit.{k}", "") for k in keys},
+            "forced": r.data.tags.get("audit.forced", "") == "true",
+            "state": STATES.get(r.info.status, r.info.status.lower()),
+        }
+        for r in runs
+    ]
+
+
+# The gate's version tags shown as columns (figures are tagged ``gate.<gate>.<figure>``, see detloop.gate)
+GATE1_DROP = "gate.regression.drop"  # Gate 1: anchor-test mAP50 drop vs the reference (points or %)
+GATE2_RATE = "gate.new_samples.detection_rate"  # Gate 2: detection rate on the pool holdout
+
+
+def gate_record(tags: dict) -> dict[str, str]:
+    """A version's gate tags without the ``gate.`` prefix (decision, time, figures); {} if never gated."""
+    return {k.removeprefix("gate."): v for k, v in sorted(tags.items()) if k.startswith("gate.")}
 
 
 def versions(cfg: DictConfig) -> list[dict]:
-    """All versions of the registered model, newest first, with aliases and tags.
+    """All versions of the registered model, newest first, with aliases, tags and the gate record.
 
     Aliases are read with ``get_model_version``: ``search_model_versions`` may return none.
     """
@@ -149,23 +240,39 @@ def versions(cfg: DictConfig) -> list[dict]:
     rows = []
     for item in sorted(found, key=lambda v: int(v.version), reverse=True):
         full = c.get_model_version(name, item.version)
+        tags = dict(full.tags or {})
         rows.append(
             {
                 "version": str(full.version),
                 "aliases": sorted(full.aliases or []),
-                "created": datetime.fromtimestamp(full.creation_timestamp / 1000, UTC).isoformat(
-                    timespec="seconds"
-                ),
+                "created": datetime.fromtimestamp(full.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
                 "run_id": full.run_id,
-                "tags": dict(full.tags or {}),
+                "decision": tags.get("decision", ""),
+                "gate": gate_record(tags),
+                "tags": tags,
             }
         )
     return rows
 
 
+def _number(value: str | None, digits: int) -> str:
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return value or "-"
+
+
+def _decision(tags: dict) -> str:
+    """The decision tag plus what happened to the version since (forced, rolled back)."""
+    marks = {"forced_promotion": "forced", "rolled_back": "rolled back"}
+    shown = [f"({mark})" for key, mark in marks.items() if tags.get(key) == "true"]
+    return " ".join([tags.get("decision", "-"), *shown])
+
+
 def format_table(rows: list[dict]) -> str:
-    """The registry as a fixed-width table for the terminal."""
-    header = ["version", "aliases", "kind", "base", "decision", "anchor mAP50", "created", "run"]
+    """The registry as a fixed-width table for the terminal (Gate 1 drop, Gate 2 detection rate)."""
+    header = ["version", "aliases", "kind", "base", "decision", "gate1 drop", "gate2 rate", "anchor mAP50", "created",
+              "run"]  # fmt: skip
     lines = [header]
     for row in rows:
         tags = row["tags"]
@@ -175,7 +282,9 @@ def format_table(rows: list[dict]) -> str:
                 ",".join(row["aliases"]) or "-",
                 tags.get("kind", "-"),
                 tags.get("base_version", "-"),
-                tags.get("decision", "-"),
+                _decision(tags),
+                _number(tags.get(GATE1_DROP), 2),
+                _number(tags.get(GATE2_RATE), 3),
                 tags.get("eval.anchor_test.map50", "-"),
                 row["created"],
                 (row["run_id"] or "")[:12],

@@ -101,8 +101,12 @@ def test_every_job_of_a_finetune_sweep_is_gated_under_one_parent_run(project):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = compose(overrides)
-    swept = [v for v in registry.versions(cfg) if v["tags"].get("lineage.config_hash") and v["tags"].get("kind") ==
-             "finetune" and mlflow.get_run(v["run_id"]).data.tags.get("detloop.sweep_dir") == str(base / "sweep")]  # fmt: skip
+    sweep_dir = str(base / "sweep")
+    swept = [
+        v for v in registry.versions(cfg)
+        if v["tags"].get("kind") == "finetune"
+        and mlflow.get_run(v["run_id"]).data.tags.get("detloop.sweep_dir") == sweep_dir
+    ]
     assert len(swept) == 2
     for version in swept:
         assert version["tags"]["gate.decision"] in ("pass", "review", "reject")
