@@ -52,24 +52,43 @@ def setup(cfg: DictConfig, experiment: str | None = None) -> str:
     """
     uri = tracking_uri(cfg)
     scheme = urlparse(uri).scheme
+    lock = contextlib.nullcontext()
     if scheme == "sqlite":
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # concurrent first use (parallel sweep jobs, two stages) would race on MLflow's schema
+        # migration and on creating the experiment: one process at a time does the get-or-create
+        lock = _file_lock(db.with_name(db.name + ".setup.lock"))
     elif scheme in ("http", "https"):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     name = experiment or cfg.mlflow.experiment
     try:
-        client = mlflow.MlflowClient()
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            experiment_id = client.create_experiment(name, artifact_location=default_artifact_root(cfg))
-        else:
-            experiment_id = found.experiment_id
+        with lock:
+            client = mlflow.MlflowClient()
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                experiment_id = client.create_experiment(name, artifact_location=default_artifact_root(cfg))
+            else:
+                experiment_id = found.experiment_id
     except Exception as err:  # connection errors surface as several MLflow/requests types
         raise TrackingUnavailable(f"MLflow tracking store {uri} is unreachable: {err}") from err
     if not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` chose the experiment already
         mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock on ``path`` for the duration of the block (POSIX flock)."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_server(uri: str, timeout: float = 10.0) -> None:

@@ -9,15 +9,18 @@ import subprocess
 import sys
 
 import mlflow
+import pandas as pd
 import pytest
 from tests.conftest import ROOT, tiny_overrides
 
 from detloop import gate, registry
 from detloop.base import run as run_base
+from detloop.cli import main as cli_main
 from detloop.config import compose
 from detloop.finetune import run as run_finetune
 from detloop.gate import run as run_gate
 from detloop.mix import run as run_mix
+from detloop.promote import run as run_promote
 from detloop.retrain import run as run_retrain
 
 pytestmark = pytest.mark.integration
@@ -76,6 +79,33 @@ def test_the_gate_compares_the_candidate_with_production_and_records_the_decisio
     # and no alias moved: that is the promote stage's job
     assert registry.alias_holder(cfg.mlflow.registered_model, "production") == "1"
     assert (base / "build" / "gate" / "retrain.json").read_text().startswith('{\n  "reason"')
+
+
+def test_promote_then_rollback_serves_the_previous_version_through_pyfunc(project):
+    overrides, base = project
+    cfg = compose(overrides)
+    name = cfg.mlflow.registered_model
+    image = sorted((base / "data" / "anchor" / "images" / "test").iterdir())[0]
+    table = pd.DataFrame({"image": [str(image)]})
+    # given the gate's decision on v2 acted on by the promote stage, and v2 in production
+    # (by a recorded human decision when the tiny model did not pass on its own)
+    run_promote(cfg)
+    decision = json.loads((base / "build" / "gate" / "decision.json").read_text())["decision"]
+    if registry.alias_holder(name, "production") != "2":
+        assert decision != "pass"
+        assert cli_main(["promote", "2", "--reviewer", "qa", "--reason", "ship v2", "--force", *overrides]) == 0
+    assert registry.alias_holder(name, "production") == "2"
+    # when a user rolls back
+    assert cli_main(["rollback", "--reviewer", "qa", "--reason", "v2 misses signatures", *overrides]) == 0
+    # then production is v1 again, v2 stays registered, and the production model loads and predicts as v1
+    assert registry.alias_holder(name, "production") == "1"
+    assert registry.client().get_model_version(name, "2").tags["rolled_back"] == "true"
+    served = mlflow.pyfunc.load_model(f"models:/{name}@production")
+    assert served.metadata.run_id == registry.client().get_model_version(name, "1").run_id
+    expected = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(table)
+    pd.testing.assert_frame_equal(served.predict(table), expected)
+    moves = [m for m in registry.history(cfg) if m["alias"] == "production"]
+    assert (moves[-1]["decision"], moves[-1]["from_version"], moves[-1]["to_version"]) == ("rollback", "2", "1")
 
 
 def test_a_retrained_base_is_gated_against_the_base_alias(project):

@@ -170,6 +170,37 @@ def test_concurrent_registrations_lose_no_version_on_sqlite_and_on_a_server(serv
         assert len(registry.client().search_model_versions(f"name='{name}'", max_results=1000)) == 20
 
 
+SETUP = """
+import sys
+from detloop.config import compose
+from detloop.tracking import setup
+cfg = compose(sys.argv[1:])
+print("ready", flush=True)
+sys.stdin.readline()  # all workers start together
+print(setup(cfg), flush=True)
+"""
+
+
+def test_concurrent_first_use_of_a_new_sqlite_store_creates_it_once(tmp_path, registry_overrides):
+    store = tmp_path / "fresh-store"
+    overrides = [*(o for o in registry_overrides if not o.startswith("mlflow.store_dir=")), f"mlflow.store_dir={store}"]
+    # when 4 processes (e.g. parallel sweep jobs) set up a store that does not exist yet, at the same time
+    workers = [start(SETUP, *overrides) for _ in range(4)]
+    for worker in workers:
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    ids = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+        ids.append(out.strip())
+    # then every one succeeds and they all got the one experiment
+    assert len(set(ids)) == 1 and ids[0]
+    cfg = compose(overrides)
+    tracking.setup(cfg)
+    assert [e.name for e in registry.client().search_experiments()].count(cfg.mlflow.experiment) == 1
+
+
 # --------------------------------------------------------------------------- (c) promotion and rollback on a server
 
 
