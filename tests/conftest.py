@@ -115,3 +115,24 @@ def register_version(cfg, tags: dict | None = None) -> str:
     for key, value in (tags or {}).items():
         client.set_model_version_tag(name, version, key, str(value))
     return version
+
+
+def wait_healthy(url: str, proc, what: str, timeout: float = 120.0, log: Path | None = None) -> None:
+    """Wait until ``url``/health answers 200; kill ``proc`` and fail with ``what`` (and its log) if it never does."""
+    import time
+
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            detail = log.read_text()[-3000:] if log is not None and log.is_file() else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode} before answering /health: {detail}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{what} did not answer {url}/health within {timeout:.0f} s")

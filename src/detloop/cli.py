@@ -125,6 +125,10 @@ def cmd_review(args) -> int:
     from detloop.review import inbox_ids, review
 
     ids, args.overrides = _split_overrides(args.items)
+    if args.decision in ("open", "commit", "annotate"):  # review in the FiftyOne App
+        from detloop.fiftyone_cli import cmd_review_app
+
+        return cmd_review_app(args, ids)
     cfg = _cfg(args)
     if args.all and ids:
         raise BadInput("give sample ids or --all, not both")
@@ -184,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_registry)
     _add_loop_parsers(sub)
     _add_decision_parsers(sub)
+    from detloop.production_cli import add_production_parsers
+
+    add_production_parsers(sub, OVERRIDES_HELP)
+    from detloop.fiftyone_cli import add_inspect_parser
+
+    add_inspect_parser(sub, OVERRIDES_HELP)
     return parser
 
 
@@ -203,7 +213,10 @@ def _add_loop_parsers(sub) -> None:
     p.set_defaults(func=cmd_inbox_add)
 
     p = sub.add_parser("review", help="human review: accept inbox samples into the pool or reject them")
-    p.add_argument("decision", choices=["accept", "reject"])
+    p.add_argument("decision", choices=["accept", "reject", "open", "commit", "annotate"],
+                   help="accept|reject IDs (file-based); open (App), commit (App tags -> pool), annotate (backend)")
+    p.add_argument("--app", action="store_true", help="open: serve the FiftyOne App and print the URL")
+    p.add_argument("--model", help="open: version / alias proposing labels (default fiftyone.review.model)")
     p.add_argument("items", nargs="*", metavar="ID", help="inbox sample ids (and key=value overrides)")
     p.add_argument("--all", action="store_true", help="every sample waiting in the inbox")
     p.add_argument("--reviewer", help="who verified the samples (required)")

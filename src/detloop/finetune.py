@@ -19,7 +19,7 @@ import mlflow
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from detloop import registry, tracking
+from detloop import pool, registry, tracking
 from detloop._env import project_root
 from detloop.config import config_hash, resolve_path
 from detloop.errors import BadInput
@@ -118,6 +118,10 @@ def run(cfg: DictConfig) -> dict:
             )  # fmt: skip
     version = str(info.registered_model_version)
     _tag(cfg, version, run_id, base_version, mix)
+    flagged = None if tracking.sweep_dir() is not None else pool.consume_performance_flag(cfg, version)
+    if flagged is not None:  # the monitor's performance flag is answered by this candidate
+        registry.set_version_tags(name, version, {"trigger.performance_flag": flagged})
+        log.info("performance flag answered by v%s: %s", version, flagged)
     result = {"name": name, "version": version, "run_id": run_id, "base_version": base_version,
               "model_uri": f"models:/{name}/{version}", "forced": mix["forced"]}  # fmt: skip
     write_json(out / "model.json", result)

@@ -246,6 +246,20 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def consume_performance_flag(cfg: DictConfig, version: str) -> str | None:
+    """After fine-tune ``version`` is registered, the monitor's flag has been answered: rename it.
+
+    The flag moves to ``<name>.consumed-v<version>.json`` beside it (kept as a record); a later
+    drop must raise it again. Returns the flag's reason, or None when no flag was set.
+    """
+    flag = _flag_path(cfg)
+    if not flag.is_file():
+        return None
+    reason = read_flag_reason(flag)
+    flag.replace(flag.with_name(f"{flag.stem}.consumed-v{version}{flag.suffix or '.json'}"))
+    return reason
+
+
 def _flag_path(cfg: DictConfig) -> Path:
     path = Path(str(cfg.trigger.performance_flag)).expanduser()
     return path if path.is_absolute() else project_root() / path

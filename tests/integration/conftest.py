@@ -5,11 +5,10 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
+from tests.conftest import wait_healthy
 
 
 def free_port() -> int:
@@ -31,21 +30,10 @@ def server(tmp_path_factory):
         [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{base / 'server.db'}",
          "--artifacts-destination", str(base / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=(base / "server.log").open("w"),
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{uri}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(1)
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {proc.stderr.read().decode()[-2000:]}")
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not answer /health within 120 s")
+    wait_healthy(uri, proc, "mlflow server", log=base / "server.log")
     yield uri
     proc.terminate()
     try:

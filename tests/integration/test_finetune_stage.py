@@ -45,6 +45,9 @@ def test_forced_finetune_starts_from_base_and_moves_no_alias(project):
     cfg = compose([*overrides, "trigger.force=true"])
     record = run_mix(cfg)
     assert record["triggered"] and record["forced"]
+    flag = base / "build" / "trigger" / "performance.json"  # the monitor raised the performance trigger
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.write_text(json.dumps({"reason": "detection rate of title 0.62 < 0.90"}))
     result = run_finetune(cfg)
     assert result["version"] == "2" and result["base_version"] == "1"
     rows = {v["version"]: v for v in registry.versions(cfg)}
@@ -65,6 +68,9 @@ def test_forced_finetune_starts_from_base_and_moves_no_alias(project):
     assert {"mix/train.txt", "mix/val.txt", "mix/mix.json"} <= listed
     written = json.loads((base / "build" / "finetune" / "model.json").read_text())
     assert written["version"] == "2"
+    # the fine-tune answered the performance flag: it is kept as a record, no longer set
+    assert not flag.exists() and (flag.parent / "performance.consumed-v2.json").is_file()
+    assert tags["trigger.performance_flag"] == "detection rate of title 0.62 < 0.90"
 
 
 def test_finetuning_from_a_finetuned_version_is_refused(project):

@@ -10,14 +10,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
-import requests
 from PIL import Image
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, wait_healthy
 
 from detloop import registry
 from detloop.base import run as run_base
@@ -79,16 +77,7 @@ def ui(project):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not answer /health within 120 s")
+    wait_healthy(url, proc, "mlflow server")
     yield url
     proc.terminate()
     proc.wait(timeout=30)

@@ -1,0 +1,153 @@
+"""FiftyOne at scale: load N samples with ground truth and predictions, then evaluate_detections.
+
+    .venv/bin/python benchmarks/fiftyone_load.py [--samples 5000] [--objects 5] [--seed 0]
+
+Writes N small page-like JPEGs with YOLO labels as an anchor test split in a temporary folder,
+starts a private mongod (FiftyOne's binary) on a free port, and times with detloop's own code:
+
+* ``fiftyone_load.load_set`` (samples with ground truth and image metadata, batched ``add_samples``),
+* storing predictions (jittered ground truth plus false positives, random confidences) with one
+  keyed ``set_values`` (what ``add_predictions`` does after inference),
+* ``fiftyone_eval.evaluate`` (COCO method, mAP; the tutorial reports ~140 samples/s on its machine)
+  and, on the same predictions, the gate's evaluator (``evaluator.coco_map``) for comparison.
+
+Prints a JSON record with the machine's load average and writes it to
+``build/benchmarks/fiftyone_load.json``. Needs no network and no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from detloop.fiftyone_db import import_fiftyone, start_mongod, stop_mongod
+
+fo = import_fiftyone()  # before anything could import MLflow
+
+from detloop import evaluator, fiftyone_eval, fiftyone_load  # noqa: E402
+from detloop._env import project_root  # noqa: E402
+from detloop.config import compose  # noqa: E402
+
+NAMES = {0: "title", 1: "date", 2: "amount", 3: "table", 4: "signature", 5: "stamp"}
+WIDTH, HEIGHT = 128, 160
+
+
+def write_split(root: Path, n: int, objects: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` JPEGs with ``objects`` labelled boxes each under ``root/anchor``; returns the label rows."""
+    from PIL import Image, ImageDraw
+
+    images, labels = root / "anchor/images/test", root / "anchor/labels/test"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    (root / "anchor/data.yaml").write_text("path: .\ntrain: images/test\nval: images/test\ntest: images/test\n"
+                                           f"names: {json.dumps(NAMES)}\n")  # fmt: skip
+    rows = []
+    for i in range(n):
+        page = Image.new("L", (WIDTH, HEIGHT), 235)
+        draw = ImageDraw.Draw(page)
+        wh = rng.uniform(0.08, 0.3, (objects, 2))
+        xy = rng.uniform(0, 1, (objects, 2)) * (1 - wh) + wh / 2
+        row = np.column_stack([rng.integers(0, len(NAMES), objects), xy, wh])
+        for _, xc, yc, w, h in row:
+            draw.rectangle([(xc - w / 2) * WIDTH, (yc - h / 2) * HEIGHT, (xc + w / 2) * WIDTH, (yc + h / 2) * HEIGHT],
+                           outline=40)  # fmt: skip
+        page.save(images / f"page{i:05d}.jpg", quality=80)
+        (labels / f"page{i:05d}.txt").write_text("".join(f"{int(c)} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n"
+                                                         for c, x, y, w, h in row))  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def predictions(rows: list[np.ndarray], rng: np.random.Generator) -> list[evaluator.Detections]:
+    """Jittered ground truth (10 % misses, 10 % wrong class) plus up to two false positives, in pixels."""
+    out = []
+    for row in rows:
+        keep = row[rng.random(len(row)) > 0.1]
+        centre = keep[:, 1:3] + rng.normal(0, 0.01, (len(keep), 2))
+        half = keep[:, 3:5] / 2
+        boxes = np.column_stack([centre - half, centre + half]) * [WIDTH, HEIGHT, WIDTH, HEIGHT]
+        cls = np.where(rng.random(len(keep)) < 0.1, (keep[:, 0] + 1) % len(NAMES), keep[:, 0]).astype(int)
+        extra = int(rng.integers(0, 3))
+        corner = rng.uniform(0, 0.7, (extra, 2)) * [WIDTH, HEIGHT]
+        boxes = np.vstack([boxes, np.column_stack([corner, corner + rng.uniform(8, 30, (extra, 2))])])
+        cls = np.concatenate([cls, rng.integers(0, len(NAMES), extra)])
+        out.append(evaluator.Detections(boxes, cls, rng.uniform(0.05, 1.0, len(cls))))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--objects", type=int, default=5, help="ground-truth objects per image")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = np.random.default_rng(args.seed)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="detloop-fo-bench-") as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        rows = write_split(root / "data", args.samples, args.objects, rng)
+        write_s = time.perf_counter() - started
+        server = start_mongod(root / "db", detach=False)
+        try:
+            record = measure(root, server.uri, rows, rng, args)
+        finally:
+            stop_mongod(server)
+    record.update({"write_images_s": round(write_s, 2), "loadavg_before": load_before,
+                   "loadavg_after": os.getloadavg(), "cpu_count": os.cpu_count(), "fiftyone": fo.__version__,
+                   "python": sys.version.split()[0]})  # fmt: skip
+    out = project_root() / "build" / "benchmarks" / "fiftyone_load.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generator, args) -> dict:
+    cfg = compose([f"paths.data={root / 'data'}", f"paths.build={root / 'build'}", f"fiftyone.database.uri={uri}",
+                   "fiftyone.dataset_prefix=bench"])  # fmt: skip
+    from detloop.fiftyone_db import connect
+
+    connect(cfg)
+    started = time.perf_counter()
+    dataset = fiftyone_load.load_set(cfg, "anchor-test", NAMES)
+    load_s = time.perf_counter() - started
+    paths = dataset.values("filepath")
+    dets = predictions(rows, rng)  # rows are in file-name order, as the dataset's samples
+    started = time.perf_counter()
+    values = {p: fiftyone_load.detections_from_pixels(d.boxes, d.cls, d.conf, (WIDTH, HEIGHT), NAMES)
+              for p, d in zip(paths, dets, strict=True)}  # fmt: skip
+    convert_s = time.perf_counter() - started
+    started = time.perf_counter()
+    dataset.set_values("predictions_bench", values, key_field="filepath")
+    set_values_s = time.perf_counter() - started
+    started = time.perf_counter()
+    results = fiftyone_eval.evaluate(dataset, "predictions_bench", cfg)
+    evaluate_s = time.perf_counter() - started
+    figures = fiftyone_eval.figures(results)
+    gts = evaluator.load_ground_truth([Path(p) for p in paths])
+    started = time.perf_counter()
+    gate = evaluator.coco_map(gts, dets, NAMES)
+    gate_s = time.perf_counter() - started
+    n = len(dataset)
+    return {
+        "samples": n, "objects": int(sum(len(r) for r in rows)), "predictions": int(sum(len(d.cls) for d in dets)),
+        "load_set_s": round(load_s, 2), "load_samples_per_s": round(n / load_s, 1),
+        "convert_predictions_s": round(convert_s, 2), "set_values_predictions_s": round(set_values_s, 2),
+        "load_with_predictions_s": round(load_s + convert_s + set_values_s, 2),
+        "evaluate_detections_s": round(evaluate_s, 2), "evaluate_samples_per_s": round(n / evaluate_s, 1),
+        "fiftyone_map50": round(figures["map50"], 6), "fiftyone_map50_95": round(figures["map50_95"], 6),
+        "gate_map50": round(gate["map50"], 6), "gate_map50_95": round(gate["map50_95"], 6),
+        "gate_coco_map_s": round(gate_s, 3),
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""``detloop serve`` under load, against calling the same registered model directly in Python.
+
+In a work folder it writes the tiny demo data set (its 40 rendered 256x320 document pages are the
+request images), registers a yolov8n with the demo's six classes as a pyfunc version (the demo's
+architecture and ``imgsz: 160``; untrained, since only time is measured, so it returns few boxes) and
+gives it ``production``. Then, on the same images in the same order:
+
+* **direct**: ``mlflow.pyfunc.load_model(...).predict`` on a one-row table (base64 image), one call at
+  a time in this process; and **direct, batched**: eight rows per call (the model's throughput ceiling);
+* **server, sequential**: ``detloop serve`` as a subprocess on 127.0.0.1, one request at a time
+  (``dataframe_split`` JSON, one image per request);
+* **server, concurrent**: ``--requests`` requests (default 2,000) from ``--concurrency`` (8) client
+  threads; every answer must be 200 and the prediction log must hold exactly one row per request.
+
+Direct and server-sequential runs alternate for ``--rounds`` (3) rounds, so both see the same background
+load; the serving overhead ratio is the server's sequential p50 latency over the direct p50 (the median
+over the rounds). Under load, the
+server's requests/s are compared with the direct batched images/s (its ceiling). The client
+threads run on the same two cores as the server, so the concurrent figures include the client's cost.
+Results go to ``build/benchmarks/serve_load.json``, with the load average next to each figure.
+
+    .venv/bin/python benchmarks/serve_load.py [--requests 2000] [--concurrency 8] [--rounds 3] [--workdir PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DETLOOP_ROOT", str(ROOT))
+
+import requests  # noqa: E402
+import yaml  # noqa: E402
+
+import detloop  # noqa: E402,F401  (offline environment)
+from detloop.config import compose  # noqa: E402
+
+OUT = ROOT / "build" / "benchmarks" / "serve_load.json"
+IMGSZ = 160
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def overrides_for(work: Path) -> list[str]:
+    return ["experiment=tiny", f"paths.data={work / 'data'}", f"paths.build={work / 'build'}",
+            f"mlflow.store_dir={work / 'mlruns'}", "mlflow.tracking_uri=null"]  # fmt: skip
+
+
+def register(cfg, work: Path) -> str:
+    """An untrained yolov8n with the demo's classes, logged as the detloop pyfunc and given production."""
+    import mlflow
+    import ultralytics
+
+    from detloop import registry, tracking
+    from detloop.demo_data import CLASSES
+    from detloop.pyfunc import log_detector
+    from detloop.yolo import ultralytics as ul
+
+    arch = yaml.safe_load((Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8.yaml").read_text())
+    arch["nc"] = len(CLASSES)
+    (work / "arch").mkdir(exist_ok=True)
+    (work / "arch" / "yolov8n.yaml").write_text(yaml.safe_dump(arch))
+    model = ul().YOLO(str(work / "arch" / "yolov8n.yaml"))
+    model.model.names = dict(enumerate(CLASSES))
+    model.save(str(work / "weights.pt"))
+    experiment_id = tracking.setup(cfg)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="serve-load"):
+        info = log_detector(work / "weights.pt", {"conf": 0.25, "iou": 0.7, "imgsz": IMGSZ},
+                            registered_model_name=cfg.mlflow.registered_model)  # fmt: skip
+    version = str(info.registered_model_version)
+    registry.move_alias(cfg, "production", version, why="serve load benchmark", decision="bootstrap")
+    return version
+
+
+def stats(latencies_ms: list[float], seconds: float) -> dict:
+    ordered = sorted(latencies_ms)
+    q = statistics.quantiles(ordered, n=100)
+    return {"requests": len(ordered), "seconds": round(seconds, 2), "requests_per_s": round(len(ordered) / seconds, 1),
+            "p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1), "mean_ms": round(statistics.fmean(ordered), 1)}
+
+
+def load_direct(cfg):
+    """The production version loaded in this process and warmed up, as the server loads it."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}@production")
+    model.predict(pd.DataFrame({"image": [_blank()]}))  # warm-up, as the server does when it loads
+    return model
+
+
+def _blank() -> str:
+    from detloop.pyfunc import input_example
+
+    return input_example()["image"][0]
+
+
+def direct(model, images: list[str], n: int, batch: int = 1) -> dict:
+    """The registered model called in this process, ``batch`` images per call (latency per call)."""
+    import pandas as pd
+
+    before, latencies = load(), []
+    started = time.perf_counter()
+    for i in range(0, n, batch):
+        t = time.perf_counter()
+        model.predict(pd.DataFrame({"image": [images[j % len(images)] for j in range(i, i + batch)]}))
+        latencies.append((time.perf_counter() - t) * 1000)
+    seconds = time.perf_counter() - started
+    return {**stats(latencies, seconds), "batch": batch, "images_per_s": round(n / seconds, 1),
+            "load_before": before, "load_after": load()}
+
+
+def over_http(url: str, images: list[str], n: int, concurrency: int) -> dict:
+    """``n`` one-image requests from ``concurrency`` client threads (one session each)."""
+    import threading
+
+    local = threading.local()
+    bodies = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[im]]}}).encode() for im in images]
+
+    def one(i: int) -> tuple[int, float, str]:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        t = time.perf_counter()
+        answer = session.post(f"{url}/invocations", data=bodies[i % len(bodies)], timeout=120,
+                              headers={"Content-Type": "application/json"})  # fmt: skip
+        elapsed = (time.perf_counter() - t) * 1000
+        return answer.status_code, elapsed, answer.json().get("request_id", "")
+
+    before = load()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(one, range(n)))
+    seconds = time.perf_counter() - started
+    errors = sum(status != 200 for status, _, _ in results)
+    return {**stats([ms for _, ms, _ in results], seconds), "concurrency": concurrency, "errors": errors,
+            "request_ids": [rid for _, _, rid in results], "load_before": before, "load_after": load()}
+
+
+def start_server(overrides: list[str], work: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(work / "serve.log", "w")  # noqa: SIM115  (the server's lifetime)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "detloop"), "serve", "--port", str(port), *overrides],
+                            stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    while time.perf_counter() - started < 300:
+        if proc.poll() is not None:
+            raise RuntimeError(f"detloop serve exited: {(work / 'serve.log').read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("detloop serve did not come up within 300 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000, help="requests in the concurrent run")
+    parser.add_argument("--concurrency", type=int, default=8, help="client threads in the concurrent run")
+    parser.add_argument("--sequential", type=int, default=200, help="calls per direct and sequential run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating direct / server sequential runs "
+                        "(the shared machine's load changes; the medians are reported)")
+    parser.add_argument("--workdir", type=Path, help="keep the work folder here (default: a temp folder, removed)")
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="detloop-serve-load-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "build" / "serve", ignore_errors=True)  # a fresh prediction log and image store
+    overrides = overrides_for(work)
+    cfg = compose(overrides)
+    try:
+        from detloop.demo_data import write_demo_data
+
+        if not (work / "data" / "anchor").is_dir():
+            write_demo_data(cfg)
+        pages = sorted((work / "data" / "anchor" / "images").rglob("*.jpg"))
+        images = [base64.b64encode(p.read_bytes()).decode() for p in pages]
+        version = register(cfg, work)
+        result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "images": len(images),
+                  "image_size": "256x320 JPEG", "imgsz": IMGSZ, "version": version}  # fmt: skip
+        model = load_direct(cfg)
+        proc, url = start_server(overrides, work)
+        sent: set[str] = set()
+        try:
+            rounds = []
+            for _ in range(args.rounds):  # alternate, so both see the same background load
+                pair = {"direct": direct(model, images, args.sequential),
+                        "server": over_http(url, images, args.sequential, 1)}
+                sent |= set(pair["server"].pop("request_ids"))
+                pair["overhead_ratio_p50"] = round(pair["server"]["p50_ms"] / pair["direct"]["p50_ms"], 2)
+                rounds.append(pair)
+            result["sequential_rounds"] = rounds
+            result["direct_batched"] = direct(model, images, args.sequential * 4, batch=8)
+            result["server_concurrent"] = over_http(url, images, args.requests, args.concurrency)
+            sent |= set(result["server_concurrent"].pop("request_ids"))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        from detloop import predlog
+
+        store = predlog.open_log(cfg)
+        logged = {r["request_id"] for r in store.rows()}
+        store.close()
+        result["log"] = {"sent": len(sent), "logged": len(logged), "lost": len(sent - logged)}
+        median = statistics.median
+        result["median"] = {
+            "direct_p50_ms": median(r["direct"]["p50_ms"] for r in rounds),
+            "direct_p95_ms": median(r["direct"]["p95_ms"] for r in rounds),
+            "direct_requests_per_s": median(r["direct"]["requests_per_s"] for r in rounds),
+            "server_p50_ms": median(r["server"]["p50_ms"] for r in rounds),
+            "server_p95_ms": median(r["server"]["p95_ms"] for r in rounds),
+            "server_requests_per_s": median(r["server"]["requests_per_s"] for r in rounds),
+            "overhead_ratio_p50": median(r["overhead_ratio_p50"] for r in rounds),
+        }
+        result["concurrent_share_of_batched_ceiling"] = round(result["server_concurrent"]["requests_per_s"]
+                                                              / result["direct_batched"]["images_per_s"], 2)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

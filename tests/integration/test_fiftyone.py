@@ -1,0 +1,354 @@
+"""FiftyOne with the real bundled MongoDB: load -> evaluate -> review in the App -> commit, and curation.
+
+Each module run starts its own mongod (FiftyOne's binary) on a free port with a private dbpath and
+stops it afterwards: a FiftyOne process would otherwise join any FiftyOne database already running
+on the machine. This process imports MLflow, so FiftyOne itself runs in child processes: the
+``detloop`` commands' own (:mod:`detloop.fiftyone_job`) and the test steps in ``fiftyone_checks``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from tests.conftest import ROOT, tiny_overrides
+from tests.integration.fiftyone_checks import synthetic_predictions
+
+from detloop import evaluator, gate
+from detloop.base import run as run_base
+from detloop.cli import main as cli
+from detloop.config import compose
+from detloop.evaluate import model_weights
+from detloop.fiftyone_db import Mongod, free_port, start_mongod, stop_mongod
+from detloop.fiftyone_job import run_job
+from detloop.inbox import add_to_inbox
+from detloop.manifest import read_manifest, sha256_file
+from detloop.stage import anchor_names
+from detloop.yolo_format import label_path_for
+
+pytestmark = pytest.mark.integration
+
+
+class Database:
+    """The test's own mongod; ``kill_and_restart`` SIGKILLs it and starts it again on the same files."""
+
+    def __init__(self, dbpath: Path):
+        self.dbpath = dbpath
+        self.server: Mongod = start_mongod(dbpath, detach=False)
+
+    @property
+    def uri(self) -> str:
+        return self.server.uri
+
+    def kill_and_restart(self) -> None:
+        os.kill(self.server.pid, signal.SIGKILL)
+        os.waitpid(self.server.pid, 0)
+        self.server = start_mongod(self.dbpath, self.server.port, detach=False)
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    db = Database(tmp_path_factory.mktemp("fiftyone-db"))
+    yield db
+    stop_mongod(db.server)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_data, database):
+    """A tiny project with a trained and registered base model (v1: base, production)."""
+    base = tmp_path_factory.mktemp("fiftyone")
+    shutil.copytree(tiny_data, base / "data")
+    overrides = tiny_overrides(base)
+    run_base(compose(overrides))
+    return base, overrides
+
+
+def copy_project(project, database, tmp_path: Path) -> list[str]:
+    """Overrides for a private data copy (plus one report without labels) that shares the registry."""
+    base, overrides = project
+    shutil.copytree(base / "data", tmp_path / "data")
+    ours = [*(o for o in overrides if not o.startswith("paths.data=")), f"paths.data={tmp_path / 'data'}",
+            f"fiftyone.database.uri={database.uri}", f"fiftyone.dataset_prefix=t{uuid.uuid4().hex[:8]}"]
+    report = tmp_path / "report" / "unlabelled.jpg"
+    report.parent.mkdir()
+    page = np.array(Image.open(sorted((base / "data/anchor/images/train").glob("*.jpg"))[0]))
+    page[:8, :8] = 0  # new bytes: not a copy of an anchor image
+    Image.fromarray(page).save(report, quality=90)
+    assert add_to_inbox(report, compose(ours))["counts"]["accepted"] == 1
+    return ours
+
+
+def check(step: str, **args) -> dict:
+    """Run a FiftyOne step of ``fiftyone_checks`` in a child process; return its JSON facts."""
+    arg_file = Path(args["overrides"][1].split("=", 1)[1]).parent / f"check-{uuid.uuid4().hex[:6]}.json"
+    arg_file.write_text(json.dumps(args))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "tests.integration.fiftyone_checks", step, str(arg_file)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts.pop("mlflow_imported") is False
+    return facts
+
+
+def test_inspect_loads_sets_and_its_map_is_the_gates(project, database, tmp_path, capsys):
+    overrides = copy_project(project, database, tmp_path)
+    cfg = compose(overrides)
+    prefix = cfg.fiftyone.dataset_prefix
+    # when detloop inspect loads anchor test, pool and inbox with the production model's predictions
+    args = ["inspect", "--set", "anchor-test", "--set", "pool", "--set", "inbox", "--json"]
+    assert cli([*args, "--model", "1", *overrides]) == 0
+    first = json.loads(capsys.readouterr().out)
+    # again, by alias: the same field, brought up to date, nothing duplicated
+    assert cli([*args, "--model", "production", "--no-evaluate", *overrides]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["datasets"][f"{prefix}-inbox"]["fields"] == ["predictions_v1"]
+    assert {k: v["samples"] for k, v in first["datasets"].items()} == {k: v["samples"] for k, v in
+                                                                       result["datasets"].items()}
+    assert result["mlflow_imported"] is False and result["database_uri"] == database.uri
+    datasets = result["datasets"]
+    assert datasets[f"{prefix}-anchor-test"]["samples"] == 8
+    assert datasets[f"{prefix}-pool"]["samples"] == len(read_manifest(tmp_path / "data/pool/manifest.jsonl")) == 12
+    assert datasets[f"{prefix}-inbox"]["samples"] == 5
+    facts = check("dataset_facts", overrides=overrides, dataset=f"{prefix}-anchor-test")
+    assert facts["persistent"] and facts["samples"] == 8 and "predictions_v1" in facts["fields"]
+    gt_objects = sum(len(evaluator.load_ground_truth([p])[0].cls)
+                     for p in sorted((tmp_path / "data/anchor/images/test").glob("*.jpg")))  # fmt: skip
+    assert facts["labels"]["ground_truth"] == gt_objects
+    pool = check("dataset_facts", overrides=overrides, dataset=f"{prefix}-pool")
+    assert pool["tags"].keys() <= {"train", "val", "holdout"} and sum(pool["tags"].values()) == 12
+    # and its figures equal the gate's evaluator on the same version and images (to 3 decimals)
+    figures = first["datasets"][f"{prefix}-anchor-test"]["figures"]["predictions_v1"]
+    weights, config = model_weights(f"models:/{cfg.mlflow.registered_model}/1", tmp_path / "weights")
+    images = sorted((tmp_path / "data/anchor/images/test").glob("*.jpg"))
+    measured = gate.measure(cfg, weights, int(config["imgsz"]), images, anchor_names(tmp_path / "data/anchor"))
+    assert figures["map50"] == pytest.approx(measured["map50"], abs=5e-4)
+    assert figures["map50_95"] == pytest.approx(measured["map50_95"], abs=5e-4)
+    assert figures["eval_key"] == "eval_v1" and len(figures["report"]) >= 3
+
+
+def test_masks_map_equality_views_and_version_compare(project, database, tmp_path):
+    overrides = copy_project(project, database, tmp_path)
+    from detloop.yolo import ultralytics
+
+    seg = tmp_path / "yolov8n-seg-untrained.pt"
+    model = ultralytics().YOLO("yolov8n-seg.yaml")
+    for branch in model.model.model[-1].cv3:  # class scores 0.5 instead of ~1e-5: detections and masks to convert
+        branch[-1].bias.data.fill_(0.0)
+    model.save(str(seg))
+    ours = [*overrides, "gate.eval.max_det=5"]
+    run_job({"action": "inspect", "overrides": ours, "sets": ["anchor-test"], "evaluate": False,
+             "models": [{"weights": str(seg), "imgsz": 64, "label": "seg"}]})  # fmt: skip
+    prefix = compose(ours).fiftyone.dataset_prefix
+    masks = check("dataset_facts", overrides=ours, dataset=f"{prefix}-anchor-test")["masks"]
+    assert masks["detections"] == 40 and masks["with_mask"] == 40 and masks["shape_matches_box"] == 40
+    # given predictions with a mAP well inside (0, 1), stored in FiftyOne and evaluated there
+    facts = check("store_synthetic", overrides=overrides, seed=3)
+    paths = [Path(p) for p in facts["paths"]]
+    names = anchor_names(tmp_path / "data/anchor")
+    expected = evaluator.coco_map(evaluator.load_ground_truth(paths), synthetic_predictions(paths, 3), names)
+    # then FiftyOne's COCO figures are the gate evaluator's
+    assert 0.2 < expected["map50_95"] < expected["map50"] < 0.99
+    assert facts["figures"]["map50"] == pytest.approx(expected["map50"], abs=5e-4)
+    assert facts["figures"]["map50_95"] == pytest.approx(expected["map50_95"], abs=5e-4)
+    per_class = {names[c]: v["ap50"] for c, v in expected["per_class"].items() if v["n_gt"]}
+    assert facts["figures"]["per_class_ap50"] == pytest.approx(per_class, abs=5e-4)
+    # and the views: FN-sorted samples, the patches of one class, the top-3 class report
+    assert facts["fn_sorted"] == sorted(facts["fn_sorted"], reverse=True) and facts["fn_sorted"][0] > 0
+    assert facts["patches"] >= facts["table_objects"] and set(facts["patch_labels"]) <= {"tp", "fp", "fn"}
+    assert len([k for k in facts["report"] if "avg" not in k]) == 3
+    # and base vs candidate side by side: two fields, two eval keys, the difference
+    found = check("compare_fields", overrides=overrides, dataset=f"{prefix}-anchor-test",
+                  base="predictions_yolov8n_seg_untrained", candidate="predictions_synthetic")  # fmt: skip
+    assert {"eval_yolov8n_seg_untrained", "eval_synthetic"} <= set(found["evaluations"])
+    assert found["map50_change"] == pytest.approx(found["candidate"]["map50"] - found["base"]["map50"])
+    assert found["candidate"]["map50"] > found["base"]["map50"] and found["better"] > 0
+    # and curation: class test set, zoo + COCO sources merged with a label map, seeded split, export
+    zoo_dir, coco_dir = write_coco(tmp_path / "zoo" / "coco-2017" / "validation", 3), write_coco(tmp_path / "coco", 2)
+    write_zoo_info(zoo_dir.parent, overrides)
+    cur = check("curate_flow", overrides=overrides, pred_field="predictions_synthetic", zoo_dir=str(tmp_path / "zoo"),
+                coco_dir=str(coco_dir), export_dir=str(tmp_path / "export"))  # fmt: skip
+    assert cur["test_samples"] == cur["anchor_with_table"] > 0 and cur["test_labels"] == ["table"]
+    assert set(cur["test_pred_labels"]) <= {"table"}
+    assert cur["zoo_labels"] == {"Table": 3} and cur["merged"] == cur["anchor_with_table"] + 3 + 2
+    assert set(cur["merged_labels"]) == {"table"}  # "Table" mapped, other classes dropped
+    assert cur["split"] == cur["split_again"] and cur["same_split"] and sum(cur["split"].values()) == cur["merged"]
+    exported = Path(cur["yaml"]).parent
+    for split, count in cur["split"].items():
+        images = sorted((exported / "images" / split).glob("*"))
+        assert len(images) == count and all(label_path_for(p).is_file() for p in images)
+        assert all(line.split()[0] == "0" for p in images for line in label_path_for(p).read_text().splitlines())
+    assert "table" in Path(cur["yaml"]).read_text()
+
+
+def write_coco(folder: Path, n: int) -> Path:
+    """A COCO-format folder (``data/`` + ``labels.json``) of ``n`` images with one ``Table`` box each."""
+    (folder / "data").mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(n):
+        Image.new("RGB", (64, 48), (40 * i, 120, 200)).save(folder / "data" / f"{folder.name}{i:04d}.jpg")
+        images.append({"id": i + 1, "file_name": f"{folder.name}{i:04d}.jpg", "width": 64, "height": 48})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 7, "bbox": [4, 4, 20, 10], "area": 200,
+                            "iscrowd": 0})  # fmt: skip
+    categories = [{"id": 7, "name": "Table", "supercategory": "furniture"}, {"id": 1, "name": "person"}]
+    (folder / "labels.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                    "categories": categories}))  # fmt: skip
+    return folder
+
+
+def write_zoo_info(zoo_dataset_dir: Path, overrides: list[str]) -> None:
+    """FiftyOne's ``info.json`` of a downloaded coco-2017 validation split (written by a FiftyOne process)."""
+    code = ("import sys, fiftyone as fo, fiftyone.zoo.datasets as z\n"
+            "d = z.get_zoo_dataset('coco-2017')\n"
+            "split = {'validation': z.ZooDatasetSplitInfo('validation', 3)}\n"
+            "z.ZooDatasetInfo(d, fo.types.COCODetectionDataset, 3, downloaded_splits=split, classes=['Table'])"
+            ".write_json(sys.argv[1] + '/info.json')")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code, str(zoo_dataset_dir)], check=True, capture_output=True, timeout=120)
+
+
+def _inbox_ids(data: Path) -> list[str]:
+    return [row["id"] for row in read_manifest(data / "inbox/manifest.jsonl")]
+
+
+def test_review_commit_moves_exactly_the_verified_samples(project, database, tmp_path, capsys):
+    overrides = copy_project(project, database, tmp_path)
+    data, cfg = tmp_path / "data", compose(overrides)
+    dataset = f"{cfg.fiftyone.dataset_prefix}-inbox"
+    # given the inbox in the App with the production model's predictions as proposed labels
+    assert cli(["review", "open", "--model", "production", *overrides]) == 0
+    ids = _inbox_ids(data)
+    unlabelled = ids[-1]
+    a, b, c = ids[:3]
+    proposed_a = (data / f"inbox/labels/{a}.txt").read_text().splitlines()
+    # when the reviewer tags in the App (a: one wrong box; b: labels edited; c: rejected) and commits
+    facts = check("tag_for_review", overrides=overrides, dataset=dataset, verify=[a, b], reject=[c],
+                  reason="not a page", drop_first_box_of=a, edit=b)["before"]  # fmt: skip
+    assert facts["ids"] == sorted(ids) and "predictions_v1" in facts["fields"] and all(facts["filled"].values())
+    assert cli(["review", "commit", *overrides]) == 2  # no reviewer: refused, nothing changed
+    assert _inbox_ids(data) == ids
+    started = datetime.now(UTC).replace(microsecond=0)
+    assert cli(["review", "commit", "--reviewer", "alice", *overrides]) == 0
+    # then exactly a and b are in the pool, recorded with reviewer and time, with the verified labels
+    pool = {row["id"]: row for row in read_manifest(data / "pool/manifest.jsonl")}
+    new = {k: v for k, v in pool.items() if k in ids}
+    assert set(new) == {a, b} and len(pool) == 14
+    for row in new.values():
+        assert row["reviewer"] == "alice" and row["decision"] == "accept" and row["labels_from"] == "corrected"
+        assert started <= datetime.strptime(row["verified_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        assert row["split"] in ("train", "val", "holdout")
+        assert sha256_file(next((data / "pool/images").glob(f"{row['id']}.*"))) == row["sha256"]
+    labels_a = (data / f"pool/labels/{a}.txt").read_text().splitlines()
+    assert len(labels_a) == len(proposed_a) - 1 and labels_a[0].split()[0] == proposed_a[1].split()[0]
+    assert (data / f"pool/labels/{b}.txt").read_text() == "4 0.250000 0.400000 0.300000 0.400000\n"
+    rejected = read_manifest(data / "inbox/rejected.jsonl")
+    assert [(r["id"], r["reviewer"], r["reason"]) for r in rejected] == [(c, "alice", "not a page")]
+    assert _inbox_ids(data) == [i for i in ids if i not in (a, b, c)] and unlabelled in _inbox_ids(data)
+    assert check("dataset_facts", overrides=overrides, dataset=dataset)["ids"] == sorted(set(ids) - {a, b, c})
+
+
+def test_a_killed_review_leaves_inbox_and_pool_consistent(project, database, tmp_path):
+    overrides = copy_project(project, database, tmp_path)
+    data, cfg = tmp_path / "data", compose(overrides)
+    dataset = f"{cfg.fiftyone.dataset_prefix}-inbox"
+    assert cli(["review", "open", "--model", "production", *overrides]) == 0
+    ids = _inbox_ids(data)
+    a, b, c = ids[:3]
+    check("tag_for_review", overrides=overrides, dataset=dataset, verify=[a, b], reject=[c])
+    # when the database process is killed mid-review, the tags made in the App survive
+    database.kill_and_restart()
+    assert check("dataset_facts", overrides=overrides, dataset=dataset)["tags"] == {"inbox": 5, "verified": 2,
+                                                                                     "rejected": 1}
+    # when the commit is killed (SIGKILL) right after the pool records, before the inbox is cleaned
+    job = tmp_path / "commit.json"
+    job.write_text(json.dumps({"action": "review-commit", "overrides": overrides, "reviewer": "bob",
+                               "result": str(tmp_path / "commit-result.json")}))  # fmt: skip
+    killer = ("import os, signal, sys; import detloop.review as r; "
+              "r.remove_from_inbox = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+              "from detloop.fiftyone_job import main; sys.exit(main([sys.argv[1]]))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", killer, str(job)], cwd=ROOT, capture_output=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL
+    # then nothing is lost: a and b are in the pool with their files, and still listed in the inbox
+    pool = {row["id"]: row for row in read_manifest(data / "pool/manifest.jsonl")}
+    assert {a, b} <= set(pool) and _inbox_ids(data) == ids
+    for sample_id in (a, b):
+        assert sha256_file(next((data / "pool/images").glob(f"{sample_id}.*"))) == pool[sample_id]["sha256"]
+        assert (data / f"pool/labels/{sample_id}.txt").is_file()
+    # and the next commit finishes the move: each sample in exactly one place, recorded once
+    assert cli(["review", "commit", "--reviewer", "bob", *overrides]) == 0
+    pool_rows = read_manifest(data / "pool/manifest.jsonl")
+    assert sorted(r["id"] for r in pool_rows if r["id"] in ids) == sorted([a, b]) and len(pool_rows) == 14
+    assert _inbox_ids(data) == ids[3:]
+    assert not list((data / "inbox/images").glob(f"{a}.*")) and not list((data / "inbox/images").glob(f"{b}.*"))
+    assert [r["id"] for r in read_manifest(data / "inbox/rejected.jsonl")] == [c]
+    assert check("dataset_facts", overrides=overrides, dataset=dataset)["ids"] == sorted(ids[3:])
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.fail("headless Chromium is needed for the App test: run `make chromium` (Debian package chromium)")
+    return found
+
+
+def test_the_app_shows_the_inbox_with_proposed_labels_and_review_tags(project, database, tmp_path):
+    overrides = copy_project(project, database, tmp_path)
+    port = free_port()
+    ours = [*overrides, f"fiftyone.app.port={port}"]
+    cfg = compose(ours)
+    assert cli(["review", "open", "--model", "production", *ours]) == 0
+    ids = _inbox_ids(tmp_path / "data")
+    check("tag_for_review", overrides=ours, dataset=f"{cfg.fiftyone.dataset_prefix}-inbox", verify=ids[:2],
+          reject=ids[2:3])  # fmt: skip
+    # when the App serves the review dataset
+    app = run_job({"action": "review-open", "overrides": ours, "app": True, "models": []}, wait=False)
+    url = f"http://127.0.0.1:{port}/datasets/{cfg.fiftyone.dataset_prefix}-inbox"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(url, timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(1)
+        else:
+            pytest.fail(f"the App did not answer at {url}")
+        png = tmp_path / "app_inbox.png"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,900",
+                 "--virtual-time-budget=25000", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+        subprocess.run([chromium(), *flags, f"--screenshot={png}", url], capture_output=True, timeout=180, check=True)
+        print(f"screenshot: {png}")
+    finally:
+        os.killpg(app.pid, signal.SIGINT)
+        try:
+            app.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(app.pid, signal.SIGKILL)
+    # then the screenshot is the sample grid (many colours: page images, boxes, tag pills), not the splash
+    image = Image.open(png).convert("RGB")
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 1000, f"{png}: {len(colours or [])} colours (a loading splash?)"
+    grey = np.asarray(image.convert("L"), dtype=np.float64)
+    assert grey[200:, 100:].std() > 20  # the grid area holds pages, not a flat background
+
+
+def test_the_tutorial_notebook_runs_top_to_bottom(project, database, tmp_path):
+    overrides = copy_project(project, database, tmp_path)
+    ours = [*overrides, "finetune.train.epochs=1", "finetune.train.plots=false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DETLOOP_NOTEBOOK_OVERRIDES": json.dumps(ours)}
+    notebook = ROOT / "notebooks" / "tutorial.ipynb"
+    done = subprocess.run([sys.executable, "-m", "tests.integration.run_notebook", str(notebook)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    assert "OK: 8 code cells" in done.stdout and "pages worse" in done.stdout and "change" in done.stdout
