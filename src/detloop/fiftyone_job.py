@@ -30,6 +30,7 @@ from detloop.errors import BadInput
 log = logging.getLogger(__name__)
 
 ACTIONS = ("inspect", "review-open", "review-commit", "annotate")
+TAG_PATHS_GROUP = "_label_tags"  # a sidebar group the App does not display (see show_in_app)
 
 
 # --------------------------------------------------------------------------- the command's side (MLflow)
@@ -186,12 +187,30 @@ def _review_open(cfg: DictConfig, job: dict) -> dict:
 
 
 def show_in_app(cfg: DictConfig, dataset) -> None:
-    """The review dataset opens with its sample tags, the labels to verify and the predictions shown."""
-    from fiftyone.core.odm.dataset import ActiveFields
+    """The review dataset opens with its sample tags, the labels to verify and the predictions shown.
 
-    label_field = str(cfg.fiftyone.review.label_field)
+    The App (FiftyOne 1.22) checks by default only the ``active_fields`` paths it finds in the sidebar
+    groups, and it always rebuilds its "tags" group empty: ``tags`` in ``active_fields`` alone stays
+    unchecked. A group named ``_label_tags`` is left out of the displayed sidebar but its paths count,
+    so it carries ``tags`` and ``_label_tags`` and the grid shows the tag pills. The review tags get
+    colours of their own (``fiftyone.review.verified_color`` / ``rejected_color``).
+    """
+    import fiftyone as fo
+    from fiftyone.core.odm.dataset import ActiveFields, SidebarGroupDocument
+
+    review = cfg.fiftyone.review
+    label_field = str(review.label_field)
     fields = [f for f in dataset.get_field_schema() if f == label_field or f.startswith("predictions_")]
-    dataset.app_config.active_fields = ActiveFields(paths=["tags", "_label_tags", *fields])
+    tag_paths = ["tags", "_label_tags"]
+    config = dataset.app_config
+    config.active_fields = ActiveFields(paths=[*tag_paths, *fields])
+    groups = config.sidebar_groups or fo.DatasetAppConfig.default_sidebar_groups(dataset)
+    config.sidebar_groups = [*(g for g in groups if g.name != TAG_PATHS_GROUP),
+                             SidebarGroupDocument(name=TAG_PATHS_GROUP, paths=tag_paths)]  # fmt: skip
+    tag_colors = [{"value": str(review.verified_tag), "color": str(review.verified_color)},
+                  {"value": str(review.rejected_tag), "color": str(review.rejected_color)},
+                  {"value": "inbox", "color": "#757575"}]  # the tag every inbox sample has: neutral  # fmt: skip
+    config.color_scheme = fo.ColorScheme(color_by="value", fields=[{"path": "tags", "valueColors": tag_colors}])
     dataset.save()
 
 

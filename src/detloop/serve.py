@@ -105,6 +105,17 @@ class CheckedImage:
         return base64.b64encode(self.raw).decode("ascii")
 
 
+def _decode_problem(err: Exception) -> str:
+    """What is wrong with bytes PIL could not decode, for the client (no object reprs, no plugin internals)."""
+    from PIL import UnidentifiedImageError
+
+    if "truncated" in str(err):
+        return f"truncated image ({err})"
+    if isinstance(err, UnidentifiedImageError | ImportError):  # an optional format plugin may fail to import too
+        return "not a decodable image (no supported image format recognised)"
+    return f"not a decodable image ({type(err).__name__}: {err})"
+
+
 def check_image_bytes(raw: bytes, where: str, limits: Limits) -> CheckedImage:
     """Decode ``raw`` completely under the limits; RequestRefused (400/413/415) names ``where`` and the problem."""
     from PIL import Image
@@ -126,8 +137,7 @@ def check_image_bytes(raw: bytes, where: str, limits: Limits) -> CheckedImage:
     except RequestRefused:
         raise
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError ...) for bad bytes
-        kind = "truncated" if "truncated" in str(err) else "not a decodable image"
-        raise RequestRefused(400, f"{where}: {kind} ({type(err).__name__}: {err})") from err
+        raise RequestRefused(400, f"{where}: {_decode_problem(err)}") from err
     if fmt not in PIL_FORMATS:
         raise RequestRefused(415, f"{where}: content is {fmt.upper() or 'unknown'}, not a supported image format",
                              [f"supported: {', '.join(sorted(PIL_FORMATS))}"])  # fmt: skip

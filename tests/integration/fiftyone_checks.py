@@ -1,7 +1,8 @@
 """FiftyOne-side steps of the FiftyOne tests, run in a child process that never imports MLflow.
 
-``python -m tests.integration.fiftyone_checks STEP ARGS.json`` runs one step and prints its facts
-as JSON on the last line. The test process cannot import FiftyOne (it imports MLflow), exactly like
+``python -m tests.integration.fiftyone_checks STEPS.json`` runs steps (a list of ``[name, args]``)
+one after the other in one process and prints the list of their facts as JSON on the last line.
+The test process cannot import FiftyOne (it imports MLflow), exactly like
 the ``detloop`` command; :func:`synthetic_predictions` is pure and used on both sides.
 """
 
@@ -141,6 +142,20 @@ def tag_for_review(args: dict) -> dict:
     return {"before": before, "tags": dataset.count_sample_tags(), "edited": edited}
 
 
+def write_zoo_info(args: dict) -> dict:
+    """FiftyOne's ``info.json`` of a downloaded coco-2017 validation split of ``args['n']`` images."""
+    import fiftyone as fo
+    import fiftyone.zoo.datasets as zoo
+
+    n = int(args["n"])
+    split = {"validation": zoo.ZooDatasetSplitInfo("validation", n)}
+    info = zoo.ZooDatasetInfo(zoo.get_zoo_dataset("coco-2017"), fo.types.COCODetectionDataset, n,
+                              downloaded_splits=split, classes=["Table"])  # fmt: skip
+    path = Path(args["dir"]) / "info.json"
+    info.write_json(str(path))
+    return {"info": str(path)}
+
+
 def curate_flow(args: dict) -> dict:
     """The tutorial's curation on project data: class test set, zoo + COCO sources merged with a
     label map, seeded split (twice, same result), Ultralytics export."""
@@ -178,16 +193,20 @@ def curate_flow(args: dict) -> dict:
     }
 
 
-STEPS = {f.__name__: f for f in (store_synthetic, compare_fields, dataset_facts, tag_for_review, curate_flow)}
+STEPS = {f.__name__: f for f in (store_synthetic, compare_fields, dataset_facts, tag_for_review, write_zoo_info,
+                                  curate_flow)}  # fmt: skip
 
 if __name__ == "__main__":
     from detloop.fiftyone_db import connect, import_fiftyone
 
     import_fiftyone()
-    step_args = json.loads(Path(sys.argv[2]).read_text())
+    steps = json.loads(Path(sys.argv[1]).read_text())
     from detloop.config import compose
 
-    connect(compose(step_args["overrides"]))
-    facts = STEPS[sys.argv[1]](step_args)
-    facts["mlflow_imported"] = "mlflow" in sys.modules
-    print(json.dumps(facts, default=str))
+    connect(compose(steps[0][1]["overrides"]))
+    found = []
+    for name, step_args in steps:
+        facts = STEPS[name](step_args)
+        facts["mlflow_imported"] = "mlflow" in sys.modules
+        found.append(facts)
+    print(json.dumps(found, default=str))

@@ -1,0 +1,187 @@
+"""The production side on the demo's production model, as a user would drive it after `make demo`.
+
+1. `detloop serve` on `models:/detloop-detector@production` (a free loopback port); `/health` names
+   the production version.
+2. The 120 anchor-test pages are scored over HTTP (`dataframe_split`, one page per request); every
+   answer is 200 and carries that version; a non-image body gets a 4xx and the server keeps serving.
+3. A failure report (`POST /report`) of a page the project has never seen lands in the inbox with the
+   production model's boxes as proposed labels.
+4. `detloop rollback`: the server picks up the previous version without a restart; `detloop promote`
+   gives production back.
+5. `detloop monitor` over the log it wrote; the server is stopped and every request is in the log.
+
+Data and build outputs go to a copy under `build/drill/` (the project's `data/` and `data.dvc` stay
+untouched); the registry is the project's own (the rollback and re-promotion are in its audit trail).
+
+    .venv/bin/python benchmarks/demo_serve.py [--check]
+
+Writes `build/benchmarks/demo_serve.json`; `--check` exits 1 when an expectation fails (CI runs it
+after `make demo`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+from PIL import Image, ImageOps
+
+from detloop import predlog, registry, tracking
+from detloop.config import compose, resolve_path
+from detloop.manifest import read_manifest
+
+BIN = Path(sys.executable).parent
+DRILL = "build/drill"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, version: str | None, timeout: float) -> dict:
+    """``/health`` once it answers (and names ``version``, when given)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"detloop serve exited with {proc.returncode}; see {DRILL}/serve.log")
+        try:
+            health = requests.get(f"{url}/health", timeout=5).json()
+            if version is None or health.get("version") == version:
+                return health
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url}/health did not {'answer' if version is None else f'name v{version}'} in {timeout:.0f} s")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(BIN / "detloop"), *args], env=env, capture_output=True, text=True)
+
+
+def unseen_page(path: Path) -> bytes:
+    """A page the project has never seen: an anchor-test page mirrored (new content, same kind of document)."""
+    buffer = io.BytesIO()
+    ImageOps.mirror(Image.open(path).convert("RGB")).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def main() -> int:  # noqa: PLR0915  (one drill, step by step)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when an expectation fails")
+    args = parser.parse_args()
+    cfg = compose([])
+    tracking.setup(cfg)
+    name = cfg.mlflow.registered_model
+    production = registry.alias_holder(name, "production")
+    if production is None:
+        raise SystemExit("no production version: run `make demo` first")
+    drill = resolve_path(cfg, "build") / "drill"
+    shutil.rmtree(drill, ignore_errors=True)
+    shutil.copytree(resolve_path(cfg, "data"), drill / "data")
+    overrides = [f"paths.data={DRILL}/data", f"paths.build={DRILL}", "serve.poll_seconds=1"]
+    drill_cfg = compose(overrides)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    failures: list[str] = []
+    result: dict = {"production": production}
+    log_file = (drill / "serve.log").open("w")
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(BIN / "detloop"), "serve", "--port", str(port), *overrides],
+                            stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        health = wait_for(url, proc, None, 180)
+        result["start_s"] = round(time.perf_counter() - start, 1)
+        if health.get("version") != production:
+            failures.append(f"/health names v{health.get('version')}, production is v{production}")
+        pages = sorted((resolve_path(cfg, "anchor") / "images" / "test").glob("*.jpg"))
+        latencies, versions, boxes = [], set(), 0
+        for page in pages:
+            encoded = base64.b64encode(page.read_bytes()).decode()
+            payload = {"dataframe_split": {"columns": ["image"], "data": [[encoded]]}}
+            sent = time.perf_counter()
+            answer = requests.post(f"{url}/invocations", json=payload, timeout=60)
+            latencies.append((time.perf_counter() - sent) * 1000)
+            if answer.status_code != 200:
+                failures.append(f"{page.name}: HTTP {answer.status_code} {answer.text[:200]}")
+                continue
+            versions.add(answer.json()["model_version"])
+            boxes += len(answer.json()["predictions"])
+        result["scored"] = {"pages": len(pages), "detections": boxes, "versions": sorted(versions),
+                            "p50_ms": round(statistics.median(latencies), 1),
+                            "p95_ms": round(statistics.quantiles(latencies, n=20)[18], 1)}  # fmt: skip
+        if versions != {production} or boxes == 0:
+            failures.append(f"answers came from versions {sorted(versions)} with {boxes} boxes")
+        bad = requests.post(f"{url}/invocations", data=b"not an image", headers={"Content-Type": "image/jpeg"},
+                            timeout=30)  # fmt: skip
+        result["bad_input"] = {"status": bad.status_code, "error": bad.json().get("error", "")[:200]}
+        if not 400 <= bad.status_code < 500 or requests.get(f"{url}/health", timeout=10).status_code != 200:
+            failures.append(f"a non-image body got HTTP {bad.status_code} or the server stopped answering")
+        # a user reports a failure
+        report = requests.post(f"{url}/report?note=title+missed", data=unseen_page(pages[0]),
+                               headers={"Content-Type": "image/jpeg"}, timeout=60)  # fmt: skip
+        inbox = {r["id"]: r for r in read_manifest(resolve_path(drill_cfg, "inbox") / "manifest.jsonl")}
+        reported = report.json().get("id") if report.status_code == 201 else None
+        result["report"] = {"status": report.status_code, "id": reported,
+                            "proposed_labels": report.json().get("proposed_labels")}  # fmt: skip
+        if reported not in inbox or inbox[reported].get("note") != "title missed":
+            failures.append(f"the report (HTTP {report.status_code}) is not in the inbox: {report.text[:200]}")
+        # a rollback is served without a restart, then production is given back
+        done = cli("rollback", "--reviewer", "drill", "--reason", "serving drill")
+        previous = registry.alias_holder(name, "production")
+        swapped = time.perf_counter()
+        wait_for(url, proc, previous, 120)
+        result["rollback"] = {"to": previous, "served_after_s": round(time.perf_counter() - swapped, 1)}
+        served = requests.post(f"{url}/invocations", data=pages[1].read_bytes(),
+                               headers={"Content-Type": "image/jpeg"}, timeout=60).json()  # fmt: skip
+        if done.returncode != 0 or previous == production or served.get("model_version") != previous:
+            failures.append(f"rollback (exit {done.returncode}) to v{previous} was not served: {served}")
+        done = cli("promote", production, "--reviewer", "drill", "--reason", "serving drill over")
+        wait_for(url, proc, production, 120)
+        if done.returncode != 0:
+            failures.append(f"detloop promote {production} failed: {done.stderr[-500:]}")
+        # the monitor over what was served (exit 0: no alert, 1: alerts; anything else is a failure)
+        monitor = cli("monitor", "--window-days", "1", *overrides, "monitor.min_images=1",
+                      "monitor.baseline.min_images=1")  # fmt: skip
+        result["monitor"] = {"exit": monitor.returncode, "output": monitor.stdout.strip().splitlines()[-6:]}
+        if monitor.returncode not in (0, 1):
+            failures.append(f"detloop monitor exited {monitor.returncode}: {monitor.stderr[-500:]}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log_file.close()
+    store = predlog.open_log(drill_cfg)
+    result["logged_rows"] = store.count()
+    store.close()
+    expected = len(pages) + 3  # the scored pages, the bad body, the page scored after the rollback
+    if result["logged_rows"] < expected:
+        failures.append(f"the prediction log holds {result['logged_rows']} rows, expected at least {expected}")
+    result["failures"] = failures
+    out = resolve_path(cfg, "build") / "benchmarks" / "demo_serve.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
