@@ -77,10 +77,30 @@ def top_classes(samples, n: int, gt_field: str = GT_FIELD) -> list[str]:
     return sorted((c for c in counts if c is not None), key=lambda c: (-counts[c], c))[: int(n)]
 
 
-def report(results, samples, n: int = 10, gt_field: str = GT_FIELD) -> dict:
-    """The classification report (precision, recall, F1, support) of the ``n`` most frequent classes."""
+def report(results, samples, n: int = 10, gt_field: str = GT_FIELD, conf: float | None = None) -> dict:
+    """The classification report (precision, recall, F1, support) of the ``n`` most frequent classes.
+
+    With ``conf``, only predictions at or above that confidence count (what the served model shows):
+    a match made by a lower-confidence prediction becomes a miss, a lower-confidence false positive
+    is dropped. The matching itself is unchanged, and that is exact: COCO matching takes predictions
+    by descending confidence, so removing the weaker ones cannot change what the stronger ones matched.
+    Without ``conf`` every loaded prediction counts (mAP needs them down to conf 0.001, which makes
+    precision meaningless).
+    """
     classes = top_classes(samples, n, gt_field)
-    return results.report(classes=classes) if classes else {}
+    if not classes:
+        return {}
+    if conf is None:
+        return results.report(classes=classes)
+    from sklearn.metrics import classification_report
+
+    missing = results.missing
+    ytrue, ypred = np.asarray(results.ytrue, dtype=object), np.asarray(results.ypred, dtype=object).copy()
+    confs = np.array([np.nan if c is None else float(c) for c in results.confs], dtype=float)
+    weak = confs < float(conf)  # NaN (a missed object) compares False: kept as it is
+    ypred[weak & (ytrue != missing)] = missing
+    keep = ~(weak & (ytrue == missing))
+    return classification_report(ytrue[keep], ypred[keep], labels=classes, output_dict=True, zero_division=0)
 
 
 def format_report(rep: dict) -> str:

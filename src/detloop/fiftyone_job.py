@@ -151,7 +151,11 @@ def _inspect(cfg: DictConfig, job: dict) -> dict:
             if job.get("evaluate", True) and set_name != "inbox" and len(dataset):
                 results = fiftyone_eval.evaluate(dataset, field, cfg)
                 figures = fiftyone_eval.figures(results)
-                report = fiftyone_eval.report(results, dataset, int(cfg.fiftyone.evaluate.top_n))
+                threshold = cfg.fiftyone.evaluate.report_conf
+                report = fiftyone_eval.report(results, dataset, int(cfg.fiftyone.evaluate.top_n),
+                                              conf=None if threshold is None else float(threshold))  # fmt: skip
+                if threshold is not None:
+                    print(f"classification report at confidence >= {float(threshold):g}:")
                 entry["figures"][field] = {**figures, "eval_key": fiftyone_eval.eval_key(field), "report": report}
                 print(f"{dataset.name} {field} ({model.get('label')}): mAP50 {figures['map50']:.4f}, "
                       f"mAP50-95 {figures['map50_95']:.4f}")

@@ -65,8 +65,15 @@ def store_synthetic(args: dict) -> dict:
     results = fiftyone_eval.evaluate(dataset, "predictions_synthetic", cfg)
     worst = fiftyone_eval.worst_samples(dataset, "eval_synthetic", "fn")
     patches = fiftyone_eval.class_patches(dataset, "eval_synthetic", "table", "predictions_synthetic")
+    # the report at a confidence threshold, against FiftyOne evaluating only the confident predictions
+    from fiftyone import ViewField as F  # noqa: N817
+
+    at_conf = fiftyone_eval.report(results, dataset, 3, conf=0.5)
+    confident = dataset.filter_labels("predictions_synthetic", F("confidence") >= 0.5, only_matches=False)
+    direct = fiftyone_eval.evaluate(confident, "predictions_synthetic", cfg, key="eval_confident")
     return {"figures": fiftyone_eval.figures(results), "paths": [str(p) for p in paths],
-            "report": fiftyone_eval.report(results, dataset, 3),
+            "report": fiftyone_eval.report(results, dataset, 3), "report_at_conf": at_conf,
+            "report_confident_only": direct.report(classes=[k for k in at_conf if "avg" not in k]),
             "fn_sorted": worst.values("eval_synthetic_fn"), "patch_labels": sorted(set(patches.distinct("type"))),
             "patches": len(patches), "table_objects": dataset.count_values("ground_truth.detections.label")["table"]}
 

@@ -187,6 +187,11 @@ def test_masks_map_equality_views_and_version_compare(project, database, tmp_pat
     assert facts["fn_sorted"] == sorted(facts["fn_sorted"], reverse=True) and facts["fn_sorted"][0] > 0
     assert facts["patches"] >= facts["table_objects"] and set(facts["patch_labels"]) <= {"tp", "fp", "fn"}
     assert len([k for k in facts["report"] if "avg" not in k]) == 3
+    # the report at the serving confidence equals FiftyOne evaluating only the confident predictions
+    at_conf, direct = facts["report_at_conf"], facts["report_confident_only"]
+    assert at_conf != facts["report"]
+    for name in (k for k in direct if "avg" not in k):
+        assert at_conf[name] == pytest.approx(direct[name], abs=1e-9), name
     # and base vs candidate side by side: two fields, two eval keys, the difference
     assert {"eval_yolov8n_seg_untrained", "eval_synthetic"} <= set(found["evaluations"])
     assert found["map50_change"] == pytest.approx(found["candidate"]["map50"] - found["base"]["map50"])
