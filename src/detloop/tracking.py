@@ -25,23 +25,29 @@ log = logging.getLogger(__name__)
 SWEEP_TAG = "detloop.sweep_dir"
 
 
+def _store_dir(cfg: DictConfig, root: Path | None = None) -> Path:
+    store = Path(str(cfg.mlflow.store_dir))
+    return store if store.is_absolute() else (root or project_root()) / store
+
+
 def tracking_uri(cfg: DictConfig, root: Path | None = None) -> str:
     """The configured tracking URI; by default the project's SQLite store under ``mlflow.store_dir``."""
     uri = cfg.mlflow.tracking_uri
     if uri:
         return str(uri)
-    store = Path(str(cfg.mlflow.store_dir))
-    store = store if store.is_absolute() else (root or project_root()) / store
-    return f"sqlite:///{store / 'mlflow.db'}"
+    return f"sqlite:///{_store_dir(cfg, root) / 'mlflow.db'}"
 
 
 def default_artifact_root(cfg: DictConfig, root: Path | None = None) -> str | None:
-    """Artifact folder for experiments in the default local store (None: let the server decide)."""
-    if cfg.mlflow.tracking_uri:
+    """Artifact folder for experiments in the project's own store (None elsewhere: the server decides).
+
+    ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``, which ``mlflow.tracking_uri`` reads,
+    so after setup the key names the project's own store explicitly: that still counts as our store.
+    """
+    own = f"sqlite:///{_store_dir(cfg, root) / 'mlflow.db'}"
+    if cfg.mlflow.tracking_uri and str(cfg.mlflow.tracking_uri) != own:
         return None
-    store = Path(str(cfg.mlflow.store_dir))
-    store = store if store.is_absolute() else (root or project_root()) / store
-    return (store / "artifacts").as_uri()
+    return (_store_dir(cfg, root) / "artifacts").as_uri()
 
 
 def setup(cfg: DictConfig, experiment: str | None = None) -> str:

@@ -199,6 +199,9 @@ def test_concurrent_first_use_of_a_new_sqlite_store_creates_it_once(tmp_path, re
     cfg = compose(overrides)
     tracking.setup(cfg)
     assert [e.name for e in registry.client().search_experiments()].count(cfg.mlflow.experiment) == 1
+    # and the artifacts of the project's own store go under <store>/artifacts (also for the audit runs)
+    for experiment_id in (ids[0], registry.audit_experiment_id(cfg)):
+        assert registry.client().get_experiment(experiment_id).artifact_location == (store / "artifacts").as_uri()
 
 
 # --------------------------------------------------------------------------- (c) promotion and rollback on a server
