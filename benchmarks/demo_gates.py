@@ -17,9 +17,7 @@ after `make demo`).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,11 +25,11 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from shared import BIN, bin_env, drill_finish, drill_start
 
-from detloop import registry, tracking
-from detloop.config import compose, resolve_path
+from detloop import registry
+from detloop.config import resolve_path
 
-BIN = Path(sys.executable).parent
 BAD = "build/bad"
 BAD_RECIPE = [
     "trigger.force=true",
@@ -44,9 +42,8 @@ BAD_RECIPE = [
 
 
 def step(name: str, cmd: list[str], timings: dict, expect: int = 0) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=bin_env(), capture_output=True, text=True)
     timings[name] = round(time.perf_counter() - start, 1)
     if done.returncode != expect:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
@@ -55,15 +52,8 @@ def step(name: str, cmd: list[str], timings: dict, expect: int = 0) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when an expectation fails")
-    args = parser.parse_args()
-    cfg = compose([])
-    tracking.setup(cfg)
+    args, cfg, before = drill_start(__doc__)
     name = cfg.mlflow.registered_model
-    before = registry.alias_holder(name, "production")
-    if before is None:
-        raise SystemExit("no production version: run `make demo` first")
     py, detloop = str(BIN / "python"), str(BIN / "detloop")
     timings: dict[str, float] = {}
     bad = [f"paths.build={BAD}"]
@@ -100,10 +90,6 @@ def main() -> int:
         "production_after_promote": restored,
         "seconds": timings,
     }
-    out = resolve_path(cfg, "build") / "benchmarks" / "demo_gates.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
     failures = [
         *(["the bad candidate was not rejected by Gate 1"] if gates["regression"]["decision"] != "reject" else []),
         *(["production moved after the promote stage"] if after_promote != before else []),
@@ -112,9 +98,7 @@ def main() -> int:
         *(["the restored production model predicted nothing"] if not len(predictions) else []),
         *([f"production is v{restored}, not v{before}, after `detloop promote`"] if restored != before else []),
     ]
-    for failure in failures:
-        print(f"FAILED: {failure}", file=sys.stderr)
-    return 1 if failures and args.check else 0
+    return drill_finish(cfg, "demo_gates", result, failures, args.check)
 
 
 if __name__ == "__main__":

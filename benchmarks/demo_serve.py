@@ -21,14 +21,10 @@ after `make demo`).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
-import json
-import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,40 +33,33 @@ from pathlib import Path
 
 import requests
 from PIL import Image, ImageOps
+from shared import BIN, bin_env, drill_finish, drill_start, start_serve
 
-from detloop import predlog, registry, tracking
+from detloop import predlog, registry
 from detloop.config import compose, resolve_path
 from detloop.manifest import read_manifest
 
-BIN = Path(sys.executable).parent
 DRILL = "build/drill"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, version: str | None, timeout: float) -> dict:
-    """``/health`` once it answers (and names ``version``, when given)."""
+def wait_for(url: str, proc: subprocess.Popen, version: str, timeout: float) -> dict:
+    """``/health`` once it names ``version`` (the server swapped the model in)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"detloop serve exited with {proc.returncode}; see {DRILL}/serve.log")
         try:
             health = requests.get(f"{url}/health", timeout=5).json()
-            if version is None or health.get("version") == version:
+            if health.get("version") == version:
                 return health
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    raise SystemExit(f"{url}/health did not {'answer' if version is None else f'name v{version}'} in {timeout:.0f} s")
+    raise SystemExit(f"{url}/health did not name v{version} within {timeout:.0f} s")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([str(BIN / "detloop"), *args], env=env, capture_output=True, text=True)
+    return subprocess.run([str(BIN / "detloop"), *args], env=bin_env(), capture_output=True, text=True)
 
 
 def unseen_page(path: Path) -> bytes:
@@ -81,31 +70,20 @@ def unseen_page(path: Path) -> bytes:
 
 
 def main() -> int:  # noqa: PLR0915  (one drill, step by step)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when an expectation fails")
-    args = parser.parse_args()
-    cfg = compose([])
-    tracking.setup(cfg)
+    args, cfg, production = drill_start(__doc__)
     name = cfg.mlflow.registered_model
-    production = registry.alias_holder(name, "production")
-    if production is None:
-        raise SystemExit("no production version: run `make demo` first")
     drill = resolve_path(cfg, "build") / "drill"
     shutil.rmtree(drill, ignore_errors=True)
     shutil.copytree(resolve_path(cfg, "data"), drill / "data")
     overrides = [f"paths.data={DRILL}/data", f"paths.build={DRILL}", "serve.poll_seconds=1"]
     drill_cfg = compose(overrides)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     failures: list[str] = []
     result: dict = {"production": production}
-    log_file = (drill / "serve.log").open("w")
     start = time.perf_counter()
-    proc = subprocess.Popen([str(BIN / "detloop"), "serve", "--port", str(port), *overrides],
-                            stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+    proc, url = start_serve(overrides, drill / "serve.log", timeout=180)
     try:
-        health = wait_for(url, proc, None, 180)
         result["start_s"] = round(time.perf_counter() - start, 1)
+        health = requests.get(f"{url}/health", timeout=10).json()
         if health.get("version") != production:
             failures.append(f"/health names v{health.get('version')}, production is v{production}")
         pages = sorted((resolve_path(cfg, "anchor") / "images" / "test").glob("*.jpg"))
@@ -166,22 +144,13 @@ def main() -> int:  # noqa: PLR0915  (one drill, step by step)
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log_file.close()
     store = predlog.open_log(drill_cfg)
     result["logged_rows"] = store.count()
     store.close()
     expected = len(pages) + 3  # the scored pages, the bad body, the page scored after the rollback
     if result["logged_rows"] < expected:
         failures.append(f"the prediction log holds {result['logged_rows']} rows, expected at least {expected}")
-    result["failures"] = failures
-    out = resolve_path(cfg, "build") / "benchmarks" / "demo_serve.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    for failure in failures:
-        print(f"FAILED: {failure}", file=sys.stderr)
-    return 1 if failures and args.check else 0
-
+    return drill_finish(cfg, "demo_serve", result, failures, args.check)
 
 if __name__ == "__main__":
     sys.exit(main())

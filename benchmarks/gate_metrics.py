@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from shared import load_average
 
 import detloop  # noqa: F401  (offline environment before Ultralytics / FiftyOne load)
 from detloop._env import project_root
@@ -53,10 +54,6 @@ N_CLASSES = 6
 
 
 # --------------------------------------------------------------------------------------- helpers
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object, list[float]]:
     """Minimum wall time over ``repeats`` calls (one call when the first takes > 5 s)."""
     times, result = [], None

@@ -47,9 +47,11 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DETLOOP_ROOT", str(ROOT))
 
 from PIL import Image, ImageDraw  # noqa: E402
+from shared import load_average  # noqa: E402
 
 import detloop  # noqa: E402,F401  (offline environment)
 from detloop import pool  # noqa: E402
+from detloop._env import free_port  # noqa: E402
 from detloop.config import compose, resolve_path  # noqa: E402
 from detloop.demo_data import CLASSES  # noqa: E402
 from detloop.manifest import manifest_line, read_manifest, sha256_bytes, split_for  # noqa: E402
@@ -137,10 +139,6 @@ def folder_mb(folder: Path) -> float:
 
 
 # ------------------------------------------------------------------------------------------ timing
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn()
@@ -171,7 +169,7 @@ def time_detloop(cfg, repeats: int) -> dict:
     build, stage, loads = [], [], []
     mix: dict = {}
     for _ in range(repeats):
-        loads.append(load())
+        loads.append(load_average())
         seconds, mix = timed(lambda: build_mix(cfg, trigger))
         build.append(round(seconds, 3))
         seconds, _ = timed(lambda: stage_without_mlflow(cfg))
@@ -186,7 +184,7 @@ def time_cli(overrides: list[str], workdir: Path, runs: int) -> list[dict]:
     out = []
     env = {**os.environ, "DETLOOP_ROOT": str(ROOT)}
     for i in range(runs):
-        before = load()
+        before = load_average()
         cmd = [sys.executable, "-m", "detloop.mix", *overrides, f"hydra.run.dir={workdir / 'hydra' / str(i)}"]
         seconds, _ = timed(lambda cmd=cmd: subprocess.run(cmd, check=True, cwd=workdir, env=env, capture_output=True))
         out.append({"seconds": round(seconds, 2), "mlflow_store": "existing" if i else "new", "load": before})
@@ -213,7 +211,7 @@ def fiftyone_child(params: dict) -> dict:
     for run in range(params["runs"]):
         export_dir = workdir / "fiftyone" / f"export-{run}"
         shutil.rmtree(export_dir, ignore_errors=True)
-        row: dict = {"load": load()}
+        row: dict = {"load": load_average()}
         t0 = time.perf_counter()
         dataset = fo.Dataset()  # non-persistent
         common = {"dataset_type": fo.types.YOLOv5Dataset, "label_field": "ground_truth"}
@@ -257,7 +255,7 @@ def time_fiftyone(params: dict, workdir: Path) -> dict:
     (db / "log").mkdir(parents=True)
     (workdir / "fiftyone" / "params.json").write_text(json.dumps(params))
     port = free_port()
-    before = load()
+    before = load_average()
     start = time.perf_counter()
     mongod = subprocess.Popen(
         [str(bundled_mongod()), "--dbpath", str(db), "--logpath", str(db / "log" / "mongo.log"),
@@ -286,12 +284,6 @@ def bundled_mongod() -> Path:
     if spec is None or spec.origin is None:
         raise RuntimeError("fiftyone is not installed in this environment")
     return Path(spec.origin).parent / "db" / "bin" / "mongod"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -374,26 +366,26 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                  f"mlflow.store_dir={workdir / 'mlruns'}", "mlflow.tracking_uri=null"]  # fmt: skip
     cfg = compose(overrides)
     counts = {"train": args.anchor, "val": args.val, "test": args.test, "pool": args.pool}
-    print(f"data: {counts} in {workdir / 'data'} (load {load()})", flush=True)
+    print(f"data: {counts} in {workdir / 'data'} (load {load_average()})", flush=True)
     generated = ensure_data(cfg, workdir, counts)
     report: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "data": {**counts, "image_size": list(SIZE), "anchor_mb": folder_mb(resolve_path(cfg, "anchor")),
                  "pool_splits": pool.split_counts(cfg), "generation": generated},
     }  # fmt: skip
-    print(f"timing build_mix x{args.repeats} (load {load()})", flush=True)
+    print(f"timing build_mix x{args.repeats} (load {load_average()})", flush=True)
     detloop_times = time_detloop(cfg, args.repeats)
     mix = detloop_times.pop("mix")
     detloop_times["mix"] = mix["record"]
     detloop_times["train_list"], detloop_times["val_list"] = len(mix["train"]), len(mix["val"])
     report["detloop"] = detloop_times
-    print(f"timing python -m detloop.mix x{args.cli_runs} (load {load()})", flush=True)
+    print(f"timing python -m detloop.mix x{args.cli_runs} (load {load_average()})", flush=True)
     shutil.rmtree(workdir / "mlruns", ignore_errors=True)
     report["cli"] = time_cli(overrides, workdir, args.cli_runs)
     written = (resolve_path(cfg, "build") / "mix" / "train.txt").read_text().splitlines()
     assert len(written) == len(mix["train"]), (len(written), len(mix["train"]))
     if args.fiftyone_runs:
-        print(f"timing the FiftyOne route x{args.fiftyone_runs} (load {load()})", flush=True)
+        print(f"timing the FiftyOne route x{args.fiftyone_runs} (load {load_average()})", flush=True)
         record = mix["record"]
         params = {"anchor": str(resolve_path(cfg, "anchor")), "pool": str(resolve_path(cfg, "pool")),
                   "workdir": str(workdir), "n_old": record["old_train"], "seed": record["seed"],
@@ -401,7 +393,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         report["fiftyone"] = time_fiftyone(params, workdir)
         for run in report["fiftyone"]["runs"]:
             assert (run["exported_train"], run["exported_val"]) == (len(mix["train"]), len(mix["val"])), run
-    report["load_end"] = load()
+    report["load_end"] = load_average()
     return report
 
 

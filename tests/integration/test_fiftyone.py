@@ -28,11 +28,12 @@ from tests.conftest import ROOT, tiny_overrides
 from tests.integration.fiftyone_checks import synthetic_predictions
 
 from detloop import evaluator, gate
+from detloop._env import free_port
 from detloop.base import run as run_base
 from detloop.cli import main as cli
 from detloop.config import compose
 from detloop.evaluate import model_weights
-from detloop.fiftyone_db import Mongod, free_port, start_mongod, stop_mongod
+from detloop.fiftyone_db import Mongod, start_mongod, stop_mongod
 from detloop.fiftyone_job import resolve_models, run_job
 from detloop.inbox import add_to_inbox
 from detloop.manifest import read_manifest, sha256_file

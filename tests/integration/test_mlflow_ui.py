@@ -18,6 +18,7 @@ from PIL import Image
 from tests.conftest import tiny_overrides, wait_healthy
 
 from detloop import registry
+from detloop._env import free_port
 from detloop.base import run as run_base
 from detloop.config import compose
 from detloop.finetune import run as run_finetune
@@ -67,8 +68,6 @@ def project(tmp_path_factory, tiny_data):
 def ui(project):
     """``mlflow server`` over the project's SQLite store on a free loopback port."""
     cfg, base = project
-    from tests.integration.test_tracking_server import free_port
-
     port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),

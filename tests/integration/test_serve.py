@@ -12,7 +12,6 @@ import io
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from tests.conftest import tiny_overrides, wait_healthy
 from tests.serving_helpers import anchor_classes, detector_weights, page_bytes, register_detector
 
 from detloop import predlog, registry
+from detloop._env import free_port
 from detloop.cli import main
 from detloop.config import compose, resolve_path
 from detloop.manifest import read_manifest
@@ -38,12 +38,6 @@ pytestmark = pytest.mark.integration
 
 DETLOOP = str(Path(sys.executable).parent / "detloop")
 SENT: list[str] = []  # request ids of every answer the server gave in this module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-from tests.integration.conftest import free_port  # noqa: F401  (other tests import it from here)
 
 from detloop import registry
 from detloop.base import run as run_base
