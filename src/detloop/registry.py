@@ -80,30 +80,33 @@ def move_alias(
     The audit run is opened (RUNNING) before the alias moves and finished after it: a process killed
     in between leaves a RUNNING record that :func:`reconcile` settles on the next move.
     """
-    name = cfg.mlflow.registered_model
-    version = str(version)
-    reconcile(cfg, alias)
-    previous = alias_holder(name, alias)
-    if previous == version:
-        return previous
-    run_id = record_move(cfg, alias, previous, version, why=why, who=who, decision=decision, figures=figures, tags=tags)
-    client().set_registered_model_alias(name, alias, version)
-    client().set_terminated(run_id, "FINISHED")
-    log.info("%s: v%s -> v%s (%s: %s)", alias, previous or "-", version, who or getpass.getuser(), why)
-    return previous
+    return _recorded_move(cfg, alias, str(version), why=why, who=who, decision=decision, figures=figures, tags=tags)
 
 
 def clear_alias(cfg: DictConfig, alias: str, *, why: str, who: str | None = None, decision: str = "") -> str | None:
     """Take ``alias`` away from its holder (recorded as a move to no version); returns the previous holder."""
+    return _recorded_move(cfg, alias, "", why=why, who=who, decision=decision, figures=None, tags=None)
+
+
+def _recorded_move(cfg: DictConfig, alias: str, version: str, *, why: str, who: str | None, decision: str,
+                   figures: dict | None, tags: dict | None) -> str | None:  # fmt: skip
+    """Settle earlier interrupted moves, open the audit run, move (``version`` '' = remove) and close the run.
+
+    Nothing is recorded when ``alias`` already is where it should be; returns the previous holder.
+    """
     name = cfg.mlflow.registered_model
     reconcile(cfg, alias)
     previous = alias_holder(name, alias)
-    if previous is None:
-        return None
-    run_id = record_move(cfg, alias, previous, "", why=why, who=who, decision=decision, figures=None)
-    client().delete_registered_model_alias(name, alias)
+    if previous == (version or None):
+        return previous
+    run_id = record_move(cfg, alias, previous, version, why=why, who=who, decision=decision, figures=figures, tags=tags)
+    if version:
+        client().set_registered_model_alias(name, alias, version)
+    else:
+        client().delete_registered_model_alias(name, alias)
     client().set_terminated(run_id, "FINISHED")
-    log.info("%s: v%s -> - (%s: %s)", alias, previous, who or getpass.getuser(), why)
+    log.info("%s: v%s -> %s (%s: %s)", alias, previous or "-", f"v{version}" if version else "-",
+             who or getpass.getuser(), why)  # fmt: skip
     return previous
 
 
