@@ -27,8 +27,8 @@ import mlflow
 import pandas as pd
 from shared import BIN, bin_env, drill_finish, drill_start
 
-from detloop import registry
-from detloop.config import resolve_path
+from detloop.core.config import resolve_path
+from detloop.tracking import registry
 
 BAD = "build/bad"
 BAD_RECIPE = [

@@ -29,10 +29,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 import detloop  # noqa: F401  (sets YOLO_CONFIG_DIR, offline and telemetry switches before Ultralytics)
-from detloop.config import compose
-from detloop.demo_data import CLASSES, write_demo_data
-from detloop.manifest import read_manifest
-from detloop.metrics import found_objects
+from detloop.core.config import compose
+from detloop.data.demo import CLASSES, write_demo_data
+from detloop.data.manifest import read_manifest
+from detloop.evaluation.metrics import found_objects
 
 BASE_TRAIN = dict(epochs=30, imgsz=160, batch=16, optimizer="SGD", lr0=0.01, seed=0, deterministic=True,
                   workers=0, device="cpu", plots=False, verbose=False)

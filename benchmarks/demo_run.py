@@ -22,10 +22,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from detloop import tracking
-from detloop.config import compose, resolve_path
-from detloop.metrics import detection_rate, yolo_labels_xyxy
-from detloop.stage import anchor_names
+from detloop.core.config import compose, resolve_path
+from detloop.data.datasets import anchor_names
+from detloop.evaluation.metrics import detection_rate, yolo_labels_xyxy
+from detloop.tracking import runs
 
 BIN = Path(sys.executable).parent
 STEPS = [
@@ -48,10 +48,10 @@ def run_steps() -> list[dict]:
 
 
 def stage_durations(cfg) -> dict[str, float]:
-    tracking.setup(cfg)
-    runs = mlflow.search_runs(experiment_names=[cfg.mlflow.experiment], output_format="list")
+    runs.setup(cfg)
+    found = mlflow.search_runs(experiment_names=[cfg.mlflow.experiment], output_format="list")
     out = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time):
+    for run in sorted(found, key=lambda r: r.info.start_time):
         stage = run.data.tags.get("stage")
         if stage and run.info.end_time:
             out[stage] = round((run.info.end_time - run.info.start_time) / 1000, 1)
@@ -85,8 +85,8 @@ def failure_images(cfg) -> list[Path]:
 
 def finetune_figures(cfg) -> dict | None:
     """The demo fine-tune next to its base: anchor-test mAP50 and pool-holdout detection rate."""
+    from detloop.data.pool import pool_samples
     from detloop.evaluate import evaluate_model
-    from detloop.pool import pool_samples
 
     path = resolve_path(cfg, "build") / "finetune" / "model.json"
     model = json.loads(path.read_text()) if path.is_file() else {}
@@ -115,7 +115,7 @@ def main() -> None:
         report["steps"] = run_steps()
         report["total_seconds"] = round(time.perf_counter() - start, 1)
     cfg = compose([])
-    tracking.setup(cfg)
+    runs.setup(cfg)
     report["stage_run_seconds"] = stage_durations(cfg)
     evaluate = json.loads((resolve_path(cfg, "build") / "evaluate" / "metrics.json").read_text())
     report["anchor_test_map50"] = round(evaluate["map50"], 4)

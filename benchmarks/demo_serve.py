@@ -35,9 +35,10 @@ import requests
 from PIL import Image, ImageOps
 from shared import BIN, bin_env, drill_finish, drill_start, start_serve
 
-from detloop import predlog, registry
-from detloop.config import compose, resolve_path
-from detloop.manifest import read_manifest
+from detloop.core.config import compose, resolve_path
+from detloop.data.manifest import read_manifest
+from detloop.production import predlog
+from detloop.tracking import registry
 
 DRILL = "build/drill"
 

@@ -5,10 +5,10 @@
 Writes N small page-like JPEGs with YOLO labels as an anchor test split in a temporary folder,
 starts a private mongod (FiftyOne's binary) on a free port, and times with detloop's own code:
 
-* ``fiftyone_load.load_set`` (samples with ground truth and image metadata, batched ``add_samples``),
+* ``fo_load.load_set`` (samples with ground truth and image metadata, batched ``add_samples``),
 * storing predictions (jittered ground truth plus false positives, random confidences) with one
   keyed ``set_values`` (what ``add_predictions`` does after inference),
-* ``fiftyone_eval.evaluate`` (COCO method, mAP; the tutorial reports ~140 samples/s on its machine)
+* ``fo_eval.evaluate`` (COCO method, mAP; the tutorial reports ~140 samples/s on its machine)
   and, on the same predictions, the gate's evaluator (``evaluator.coco_map``) for comparison.
 
 Prints a JSON record with the machine's load average and writes it to
@@ -27,13 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from detloop.fiftyone_db import import_fiftyone, start_mongod, stop_mongod
+from detloop.fiftyone.db import import_fiftyone, start_mongod, stop_mongod
 
 fo = import_fiftyone()  # before anything could import MLflow
 
-from detloop import evaluator, fiftyone_eval, fiftyone_load  # noqa: E402
-from detloop._env import project_root  # noqa: E402
-from detloop.config import compose  # noqa: E402
+from detloop.core.config import compose  # noqa: E402
+from detloop.core.env import project_root  # noqa: E402
+from detloop.evaluation import evaluator
+from detloop.fiftyone import eval as fo_eval
+from detloop.fiftyone import load as fo_load  # noqa: E402
 
 NAMES = {0: "title", 1: "date", 2: "amount", 3: "table", 4: "signature", 5: "stamp"}
 WIDTH, HEIGHT = 128, 160
@@ -113,25 +115,25 @@ def main() -> int:
 def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generator, args) -> dict:
     cfg = compose([f"paths.data={root / 'data'}", f"paths.build={root / 'build'}", f"fiftyone.database.uri={uri}",
                    "fiftyone.dataset_prefix=bench"])  # fmt: skip
-    from detloop.fiftyone_db import connect
+    from detloop.fiftyone.db import connect
 
     connect(cfg)
     started = time.perf_counter()
-    dataset = fiftyone_load.load_set(cfg, "anchor-test", NAMES)
+    dataset = fo_load.load_set(cfg, "anchor-test", NAMES)
     load_s = time.perf_counter() - started
     paths = dataset.values("filepath")
     dets = predictions(rows, rng)  # rows are in file-name order, as the dataset's samples
     started = time.perf_counter()
-    values = {p: fiftyone_load.detections_from_pixels(d.boxes, d.cls, d.conf, (WIDTH, HEIGHT), NAMES)
+    values = {p: fo_load.detections_from_pixels(d.boxes, d.cls, d.conf, (WIDTH, HEIGHT), NAMES)
               for p, d in zip(paths, dets, strict=True)}  # fmt: skip
     convert_s = time.perf_counter() - started
     started = time.perf_counter()
     dataset.set_values("predictions_bench", values, key_field="filepath")
     set_values_s = time.perf_counter() - started
     started = time.perf_counter()
-    results = fiftyone_eval.evaluate(dataset, "predictions_bench", cfg)
+    results = fo_eval.evaluate(dataset, "predictions_bench", cfg)
     evaluate_s = time.perf_counter() - started
-    figures = fiftyone_eval.figures(results)
+    figures = fo_eval.figures(results)
     gts = evaluator.load_ground_truth([Path(p) for p in paths])
     started = time.perf_counter()
     gate = evaluator.coco_map(gts, dets, NAMES)

@@ -12,7 +12,7 @@ Trains the demo base model (from scratch on anchor, the base stage's settings, v
 Runs (every fine-tune is deterministic: seed 0, deterministic, workers 0, cpu):
 
 1. ``base``: from scratch on anchor train/val;
-2. ``detloop``: from base on the mix built by ``detloop.mix.build_mix`` (pool train + replay by the
+2. ``detloop``: from base on the mix built by ``detloop.mixing.build_mix`` (pool train + replay by the
    ratio table, val = anchor val + pool val) with the ``conf/finetune`` recipe;
 3. ``replay-unfrozen``: the same mix, freeze 0 and lr0 0.01;
 4. ``naive``: pool train only (val = pool val), the ``conf/finetune`` recipe;
@@ -42,8 +42,12 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_learnability import BASE_TRAIN, detection_rate, per_class_map50, prepare_data, train_base, write_yaml  # noqa: E402
 
-from detloop import mix, pool  # noqa: E402
-from detloop.manifest import manifest_hash  # noqa: E402
+from detloop.data import (
+    datasets,
+    mixing,
+    pool,  # noqa: E402
+)
+from detloop.data.manifest import manifest_hash  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "build" / "benchmarks" / "forgetting.json"
@@ -74,7 +78,7 @@ def detloop_mix(cfg: DictConfig) -> dict:
         forced=True,
         message="benchmark",
     )
-    return mix.build_mix(cfg, trigger)
+    return mixing.build_mix(cfg, trigger)
 
 
 def naive_mix(cfg: DictConfig) -> dict:
@@ -238,8 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         best, base_s = train_base(anchor_yaml, runs, args.base_epochs)
         base_record.write_text(json.dumps({"train_s": base_s, "weights": str(best)}) + "\n", encoding="utf-8")
-    n_anchor_train = len(mix.anchor_images(data / "anchor", "train"))
-    n_anchor_val = len(mix.anchor_images(data / "anchor", "val"))
+    n_anchor_train = len(datasets.anchor_images(data / "anchor", "train"))
+    n_anchor_val = len(datasets.anchor_images(data / "anchor", "val"))
     rows = [
         {
             "key": "base",

@@ -35,8 +35,8 @@ import numpy as np
 from shared import load_average
 
 import detloop  # noqa: F401  (offline environment before Ultralytics / FiftyOne load)
-from detloop._env import project_root
-from detloop.evaluator import (
+from detloop.core.env import project_root
+from detloop.evaluation.evaluator import (
     Detections,
     GroundTruth,
     coco_map,
@@ -284,8 +284,8 @@ def compare_tools(
 # ------------------------------------------------------------------------------------------ inference
 def write_pages(folder: Path, n: int) -> list[Path]:
     """``n`` demo pages (anchor layouts, round robin) with labels under folder/images, folder/labels."""
-    from detloop.config import compose
-    from detloop.demo_data import render_sample
+    from detloop.core.config import compose
+    from detloop.data.demo import render_sample
 
     demo = compose([]).demo
     templates = list(demo.anchor.templates)
@@ -304,7 +304,7 @@ def write_pages(folder: Path, n: int) -> list[Path]:
 
 def untrained_weights(folder: Path) -> Path:
     """yolov8n from its architecture yaml (random weights), saved as a .pt: no download needed."""
-    from detloop.yolo import ultralytics
+    from detloop.model.yolo import ultralytics
 
     path = folder / "yolov8n-untrained.pt"
     if not path.is_file():
@@ -339,7 +339,7 @@ def time_predict(weights: Path, images: list[Path]) -> tuple[dict, list[Detectio
 
 
 def model_names(weights: Path) -> dict[int, str]:
-    from detloop.yolo import load_model
+    from detloop.model.yolo import load_model
 
     return {int(k): str(v) for k, v in load_model(weights).names.items()}
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from PIL import Image
 
 import detloop  # noqa: F401  (offline environment)
-from detloop.config import compose, resolve_path
-from detloop.demo_data import write_demo_data
-from detloop.inbox import add_to_inbox
-from detloop.manifest import read_manifest
-from detloop.review import review
+from detloop.core.config import compose, resolve_path
+from detloop.data.demo import write_demo_data
+from detloop.data.inbox import add_to_inbox
+from detloop.data.manifest import read_manifest
+from detloop.data.review import review
 
 BOX = "0 0.5 0.5 0.25 0.25\n"
 

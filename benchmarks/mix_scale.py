@@ -2,7 +2,7 @@
 
 Generates a synthetic project in a work folder (tiny JPEGs with 1-3 YOLO boxes of 6 classes): an anchor
 of ``--anchor`` train images plus small val/test splits, and a pool of ``--pool`` verified samples with a
-valid manifest (splits fixed by ``detloop.manifest.split_for``, as ``detloop review`` stores them). Then:
+valid manifest (splits fixed by ``detloop.data.manifest.split_for``, as ``detloop review`` stores them). Then:
 
 * ``detloop.mix.build_mix`` (every pool train sample + a seeded random replay sample of anchor train by
   the ratio table, capped at ``mix.max_old``), repeated ``--repeats`` times; next to it the whole stage
@@ -50,12 +50,12 @@ from PIL import Image, ImageDraw  # noqa: E402
 from shared import load_average  # noqa: E402
 
 import detloop  # noqa: E402,F401  (offline environment)
-from detloop import pool  # noqa: E402
-from detloop._env import free_port  # noqa: E402
-from detloop.config import compose, resolve_path  # noqa: E402
-from detloop.demo_data import CLASSES  # noqa: E402
-from detloop.manifest import manifest_line, read_manifest, sha256_bytes, split_for  # noqa: E402
-from detloop.stage import stage_dir, write_json  # noqa: E402
+from detloop.core.config import compose, resolve_path  # noqa: E402
+from detloop.core.env import free_port  # noqa: E402
+from detloop.core.stage import stage_dir, write_json  # noqa: E402
+from detloop.data import pool  # noqa: E402
+from detloop.data.demo import CLASSES  # noqa: E402
+from detloop.data.manifest import manifest_line, read_manifest, sha256_bytes, split_for  # noqa: E402
 
 SIZE = (64, 48)
 DATA_VERSION = 1  # bump when the generated layout changes (a kept --workdir is then regenerated)
@@ -147,12 +147,12 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 def stage_without_mlflow(cfg) -> dict:
     """What ``detloop.mix.run`` does, minus MLflow: no registry queries (no fine-tune or base yet), same outputs."""
-    from detloop.mix import _relative, build_mix, retrain_key
+    from detloop.data.mixing import build_mix, relative_paths, retrain_key
 
     pool.check_reviewed(cfg)
     trigger = pool.trigger_status(cfg, None)
     mix = build_mix(cfg, trigger)
-    train, val = _relative(mix["train"], ROOT), _relative(mix["val"], ROOT)
+    train, val = relative_paths(mix["train"], ROOT), relative_paths(mix["val"], ROOT)
     out = stage_dir(cfg, "mix")
     (out / "train.txt").write_text("".join(f"{p}\n" for p in train))
     (out / "val.txt").write_text("".join(f"{p}\n" for p in val))
@@ -163,7 +163,7 @@ def stage_without_mlflow(cfg) -> dict:
 
 
 def time_detloop(cfg, repeats: int) -> dict:
-    from detloop.mix import build_mix
+    from detloop.data.mixing import build_mix
 
     trigger = pool.trigger_status(cfg, None)
     build, stage, loads = [], [], []

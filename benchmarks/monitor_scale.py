@@ -1,6 +1,6 @@
 """``detloop monitor`` over a 1,000,000-row prediction log.
 
-Writes a SQLite prediction log (the server's schema and settings, ``detloop.predlog``) of ``--rows``
+Writes a SQLite prediction log (the server's schema and settings, ``detloop.production.predlog``) of ``--rows``
 scored images spread over 28 days: version 1 for three weeks, then version 2; the six demo classes,
 each detected in 85-99 % of the images with one to two boxes, confidences around 0.8, latencies around
 25 ms, and 1 % refused requests. Then it times:
@@ -33,9 +33,12 @@ os.environ.setdefault("DETLOOP_ROOT", str(ROOT))
 from shared import load_average, write_report  # noqa: E402
 
 import detloop  # noqa: E402,F401  (offline environment)
-from detloop import monitor, predlog  # noqa: E402
-from detloop.config import compose  # noqa: E402
-from detloop.demo_data import CLASSES  # noqa: E402
+from detloop.core.config import compose  # noqa: E402
+from detloop.data.demo import CLASSES  # noqa: E402
+from detloop.production import (
+    monitor,
+    predlog,  # noqa: E402
+)
 
 OUT = ROOT / "build" / "benchmarks" / "monitor_scale.json"
 UNTIL = datetime(2026, 1, 1, tzinfo=UTC).timestamp()

@@ -44,7 +44,7 @@ import yaml  # noqa: E402
 from shared import load_average, start_serve, write_report  # noqa: E402
 
 import detloop  # noqa: E402,F401  (offline environment)
-from detloop.config import compose  # noqa: E402
+from detloop.core.config import compose  # noqa: E402
 
 OUT = ROOT / "build" / "benchmarks" / "serve_load.json"
 IMGSZ = 160
@@ -60,10 +60,10 @@ def register(cfg, work: Path) -> str:
     import mlflow
     import ultralytics
 
-    from detloop import registry, tracking
-    from detloop.demo_data import CLASSES
-    from detloop.pyfunc import log_detector
-    from detloop.yolo import ultralytics as ul
+    from detloop.data.demo import CLASSES
+    from detloop.model.pyfunc import log_detector
+    from detloop.model.yolo import ultralytics as ul
+    from detloop.tracking import registry, runs
 
     arch = yaml.safe_load((Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8.yaml").read_text())
     arch["nc"] = len(CLASSES)
@@ -72,7 +72,7 @@ def register(cfg, work: Path) -> str:
     model = ul().YOLO(str(work / "arch" / "yolov8n.yaml"))
     model.model.names = dict(enumerate(CLASSES))
     model.save(str(work / "weights.pt"))
-    experiment_id = tracking.setup(cfg)
+    experiment_id = runs.setup(cfg)
     with mlflow.start_run(experiment_id=experiment_id, run_name="serve-load"):
         info = log_detector(work / "weights.pt", {"conf": 0.25, "iou": 0.7, "imgsz": IMGSZ},
                             registered_model_name=cfg.mlflow.registered_model)  # fmt: skip
@@ -99,7 +99,7 @@ def load_direct(cfg):
 
 
 def _blank() -> str:
-    from detloop.pyfunc import input_example
+    from detloop.model.pyfunc import input_example
 
     return input_example()["image"][0]
 
@@ -160,7 +160,7 @@ def main() -> None:
     overrides = overrides_for(work)
     cfg = compose(overrides)
     try:
-        from detloop.demo_data import write_demo_data
+        from detloop.data.demo import write_demo_data
 
         if not (work / "data" / "anchor").is_dir():
             write_demo_data(cfg)
@@ -187,7 +187,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-        from detloop import predlog
+        from detloop.production import predlog
 
         store = predlog.open_log(cfg)
         logged = {r["request_id"] for r in store.rows()}

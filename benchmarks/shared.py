@@ -32,7 +32,7 @@ def start_serve(overrides: list[str], log: Path, timeout: float = 300.0) -> tupl
     """``detloop serve`` on a free loopback port, its output in ``log``; returns once ``/health`` answers."""
     import requests
 
-    from detloop._env import free_port
+    from detloop.core.env import free_port
 
     port = free_port()
     with log.open("w") as out:  # the child keeps its own copy of the descriptor
@@ -62,14 +62,14 @@ def write_report(path: Path, result: dict) -> None:
 
 def drill_start(doc: str):
     """Parse ``--check``, point MLflow at the project's store; returns ``(args, cfg, production version)``."""
-    from detloop import registry, tracking
-    from detloop.config import compose
+    from detloop.core.config import compose
+    from detloop.tracking import registry, runs
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when an expectation fails")
     args = parser.parse_args()
     cfg = compose([])
-    tracking.setup(cfg)
+    runs.setup(cfg)
     production = registry.alias_holder(cfg.mlflow.registered_model, "production")
     if production is None:
         raise SystemExit("no production version: run `make demo` first")
@@ -78,7 +78,7 @@ def drill_start(doc: str):
 
 def drill_finish(cfg, name: str, result: dict, failures: list[str], check: bool) -> int:
     """Write ``build/benchmarks/<name>.json``, print each failure; the exit code (1 on failure with ``check``)."""
-    from detloop.config import resolve_path
+    from detloop.core.config import resolve_path
 
     write_report(resolve_path(cfg, "build") / "benchmarks" / f"{name}.json", {**result, "failures": failures})
     for failure in failures:

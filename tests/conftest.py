@@ -39,8 +39,8 @@ def tiny_overrides(base: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The demo data set at tiny size, written once per session (read-only for tests)."""
-    from detloop.config import compose
-    from detloop.demo_data import write_demo_data
+    from detloop.core.config import compose
+    from detloop.data.demo import write_demo_data
 
     base = tmp_path_factory.mktemp("tiny-data")
     write_demo_data(compose(tiny_overrides(base)))
@@ -88,11 +88,11 @@ def registry_overrides(tmp_path, registry_store) -> list[str]:
 @pytest.fixture
 def registry_cfg(registry_overrides):
     """The composed config of ``registry_overrides``, with MLflow pointed at the store."""
-    from detloop import tracking
-    from detloop.config import compose
+    from detloop.core.config import compose
+    from detloop.tracking import runs
 
     cfg = compose(registry_overrides)
-    tracking.setup(cfg)
+    runs.setup(cfg)
     return cfg
 
 

@@ -36,7 +36,7 @@ def detector_weights(path: Path, names: list[str], hot_class: int) -> Path:
     import torch
     import ultralytics
 
-    from detloop.yolo import ultralytics as ul
+    from detloop.model.yolo import ultralytics as ul
 
     arch = yaml.safe_load((Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8.yaml").read_text())
     arch["nc"] = len(names)
@@ -56,10 +56,10 @@ def register_detector(cfg, weights: Path, *, imgsz: int = 64, conf: float = 0.25
     """Log ``weights`` as the detloop pyfunc in a run and register it (a real MLflow model); returns the version."""
     import mlflow
 
-    from detloop import registry, tracking
-    from detloop.pyfunc import log_detector
+    from detloop.model.pyfunc import log_detector
+    from detloop.tracking import registry, runs
 
-    experiment_id = tracking.setup(cfg)
+    experiment_id = runs.setup(cfg)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"test-{weights.stem}"):
         info = log_detector(weights, {"conf": conf, "iou": 0.7, "imgsz": imgsz},
                             registered_model_name=cfg.mlflow.registered_model)  # fmt: skip
@@ -79,7 +79,7 @@ def seed_log(store, start: float, days: float, per_day: int, *, version: str = "
     Every image detects each of ``classes`` with ``confidence``, except that class ``c`` is missing
     from every ``missing[c]``-th image.
     """
-    from detloop.predlog import Record, detection_fields, new_request_id
+    from detloop.production.predlog import Record, detection_fields, new_request_id
 
     missing = missing or {}
     total = int(days * per_day)
@@ -100,7 +100,7 @@ def write_reports(inbox: Path, weekly: list[int], until: float) -> None:
     """An inbox manifest with ``weekly[k]`` reports in week k of the ``len(weekly)`` weeks ending at ``until``."""
     from datetime import UTC, datetime
 
-    from detloop.manifest import write_manifest
+    from detloop.data.manifest import write_manifest
 
     rows = []
     for k, count in enumerate(weekly):

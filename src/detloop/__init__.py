@@ -1,6 +1,6 @@
 """detloop: keep a production YOLO detector improving from reported failures without forgetting."""
 
-from detloop._env import prepare_environment
+from detloop.core.env import prepare_environment
 
 __version__ = "0.1.0"
 

@@ -14,27 +14,17 @@ from pathlib import Path
 import mlflow
 from omegaconf import DictConfig
 
-from detloop import registry, tracking
-from detloop.config import config_hash
-from detloop.manifest import sha256_file
-from detloop.stage import anchor_yaml, hydra_entry, read_json, stage_dir, write_json
-from detloop.yolo import ultralytics
+from detloop.core.config import config_hash
+from detloop.core.stage import hydra_entry, read_json, stage_dir, write_json
+from detloop.data.datasets import anchor_yaml
+from detloop.data.manifest import sha256_file
+from detloop.model.pyfunc import model_weights
+from detloop.model.yolo import ultralytics
+from detloop.tracking import registry, runs
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-
-
-def model_weights(model_uri: str, dst: Path) -> tuple[Path, dict]:
-    """Download a registered detector; return its weights file and its model config."""
-    from mlflow.models import Model
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
-    weights = sorted((local / "artifacts").glob("*.pt"))
-    if not weights:
-        raise FileNotFoundError(f"{model_uri}: no .pt weights in the model's artifacts")
-    config = Model.load(str(local)).flavors.get("python_function", {}).get("config", {}) or {}
-    return weights[0], dict(config)
 
 
 def per_class_metrics(box, names: dict[int, str]) -> dict[str, dict[str, float]]:
@@ -93,18 +83,18 @@ def lineage_key(cfg: DictConfig) -> dict:
 def run(cfg: DictConfig) -> dict:
     """Evaluate the version the base stage registered (``build/base/model.json``)."""
     target = read_json(stage_dir(cfg, "base") / "model.json", "registered base model")
-    experiment_id = tracking.setup(cfg)
+    experiment_id = runs.setup(cfg)
     metrics = evaluate_model(cfg, target["model_uri"])
     flat = {f"anchor_{metrics['split']}/{k}": metrics[k] for k in ("map50", "map50_95", "precision", "recall")}
     for cls, values in metrics["per_class"].items():
         flat.update({f"anchor_{metrics['split']}/{cls}/{k}": v for k, v in values.items()})
-    with tracking.stage_run(cfg, STAGE, experiment_id, run_name=f"evaluate v{target['version']}"):
+    with runs.stage_run(cfg, STAGE, experiment_id, run_name=f"evaluate v{target['version']}"):
         mlflow.set_tags({"model_version": target["version"], "model_uri": target["model_uri"]})
-        mlflow.log_params(tracking.flat_params(cfg, ["evaluate"]))
-        mlflow.log_metrics(tracking.finite_metrics(flat))
+        mlflow.log_params(runs.flat_params(cfg, ["evaluate"]))
+        mlflow.log_metrics(runs.finite_metrics(flat))
         mlflow.log_dict(metrics, "evaluate/metrics.json")
     client = mlflow.MlflowClient()
-    for key, value in tracking.finite_metrics(flat).items():
+    for key, value in runs.finite_metrics(flat).items():
         client.log_metric(target["run_id"], key, value)
     registry.set_version_tags(
         target["name"],

@@ -15,55 +15,33 @@ import logging
 import tempfile
 from pathlib import Path
 
-import mlflow
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from detloop import pool, registry, tracking
-from detloop._env import project_root
-from detloop.config import config_hash, resolve_path
-from detloop.errors import BadInput
-from detloop.evaluate import model_weights
-from detloop.manifest import sha256_file
-from detloop.pyfunc import log_detector
-from detloop.stage import anchor_names, hydra_entry, read_json, stage_dir, write_json
-from detloop.yolo import ultralytics
+from detloop.core.config import config_hash, resolve_path
+from detloop.core.env import project_root
+from detloop.core.stage import hydra_entry, read_json, stage_dir, write_json
+from detloop.data import pool
+from detloop.data.datasets import anchor_names, write_data_yaml
+from detloop.data.manifest import sha256_file
+from detloop.model.pyfunc import model_weights
+from detloop.model.yolo import ultralytics
+from detloop.tracking import registry, runs
+from detloop.training.trainer import starting_version, train_and_register
 
 log = logging.getLogger(__name__)
 
 STAGE = "finetune"
 
 
-def starting_version(cfg: DictConfig) -> str:
-    """The version to fine-tune from: pinned or the ``base`` alias; never a fine-tuned version."""
-    name = cfg.mlflow.registered_model
-    pinned = cfg.finetune.base_version
-    version = str(pinned) if pinned is not None else registry.alias_holder(name, "base")
-    if version is None:
-        raise BadInput(f"no version of {name} holds the alias 'base'", ["run the base stage first (dvc repro base)"])
-    kind = registry.client().get_model_version(name, version).tags.get("kind")
-    if kind != "base":
-        raise BadInput(
-            f"refusing to fine-tune from version {version} (kind={kind}): never chain fine-tunes",
-            [f"finetune.base_version={pinned}: fine-tunes always start from a base model; "
-             "leave it null to use the 'base' alias"],
-        )  # fmt: skip
-    return version
-
-
 def mix_yaml(cfg: DictConfig, out: Path) -> Path:
     """An Ultralytics data yaml over the mix lists, with absolute image paths (written for this run)."""
     root = project_root()
     mix_dir = stage_dir(cfg, "mix")
-    spec = {"names": anchor_names(resolve_path(cfg, "anchor"))}
+    splits = {}
     for split in ("train", "val"):
         lines = [ln for ln in (mix_dir / f"{split}.txt").read_text().splitlines() if ln.strip()]
-        absolute = out / f"{split}.txt"
-        absolute.write_text("".join(f"{(root / ln).resolve()}\n" for ln in lines))
-        spec[split] = str(absolute)
-    path = out / "data.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+        splits[split] = [root / ln for ln in lines]
+    return write_data_yaml(out, anchor_names(resolve_path(cfg, "anchor")), splits)
 
 
 def lineage_key(cfg: DictConfig, mix_record: dict) -> dict:
@@ -89,36 +67,26 @@ def run(cfg: DictConfig) -> dict:
         write_json(out / "model.json", {"skipped": True, "trigger": mix.get("trigger")})
         write_json(out / "lineage.json", {"stage": STAGE, "skipped": mix.get("trigger")})
         return {"skipped": True, "trigger": mix.get("trigger")}
-    experiment_id = tracking.setup(cfg)
+    runs.setup(cfg)
     base_version = starting_version(cfg)
     name = cfg.mlflow.registered_model
-    train_args = OmegaConf.to_container(cfg.finetune.train, resolve=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         weights, _ = model_weights(f"models:/{name}/{base_version}", Path(tmp))
-        model = ultralytics().YOLO(str(weights))
-        data_yaml = mix_yaml(cfg, out)
-        tags = {"base_version": base_version, "forced": str(mix["forced"]).lower()}
-        with tracking.stage_run(cfg, STAGE, experiment_id, run_name=f"finetune from v{base_version}") as run:
-            run_id = run.info.run_id
-            mlflow.set_tags(tags)
-            mlflow.log_params(tracking.flat_params(cfg, ["finetune", "mix"]))
-            mlflow.log_params({f"mixed.{k}": v for k, v in mix.items() if k not in ("ratios", "trigger_reasons")})
-            mlflow.log_artifacts(str(stage_dir(cfg, "mix")), artifact_path="mix")
-            tracking.EpochLogger().attach(model)
-            model.train(data=str(data_yaml), project=str(out / "runs"), name=run_id, exist_ok=True, **train_args)
-            trainer = model.trainer
-            final = tracking.finite_metrics(trainer.metrics or {}, prefix="final/")
-            mlflow.log_metrics(final)
-            tracking.log_training_files(Path(trainer.save_dir))
-            info = log_detector(
-                trainer.best,
-                model_config={**OmegaConf.to_container(cfg.finetune.predict, resolve=True),
-                              "imgsz": train_args["imgsz"]},
-                registered_model_name=name,
-            )  # fmt: skip
-    version = str(info.registered_model_version)
+        trained = train_and_register(
+            cfg,
+            ultralytics().YOLO(str(weights)),
+            cfg.finetune,
+            STAGE,
+            mix_yaml(cfg, out),
+            run_name=f"finetune from v{base_version}",
+            params={f"mixed.{k}": v for k, v in mix.items() if k not in ("ratios", "trigger_reasons")},
+            param_groups=["finetune", "mix"],
+            tags={"base_version": base_version, "forced": str(mix["forced"]).lower()},
+            artifacts={"mix": stage_dir(cfg, "mix")},
+        )
+    version, run_id, final = trained["version"], trained["run_id"], trained["final"]
     _tag(cfg, version, run_id, base_version, mix)
-    flagged = None if tracking.sweep_dir() is not None else pool.consume_performance_flag(cfg, version)
+    flagged = None if runs.sweep_dir() is not None else pool.consume_performance_flag(cfg, version)
     if flagged is not None:  # the monitor's performance flag is answered by this candidate
         registry.set_version_tags(name, version, {"trigger.performance_flag": flagged})
         log.info("performance flag answered by v%s: %s", version, flagged)
@@ -128,8 +96,8 @@ def run(cfg: DictConfig) -> dict:
     write_json(out / "metrics.json", final)
     write_json(out / "lineage.json", lineage_key(cfg, mix))
     log.info("registered %s version %s, fine-tuned from base v%s (run %s)", name, version, base_version, run_id)
-    if tracking.sweep_dir() is not None:  # every job of a sweep is gated; promote the best passing one by hand
-        from detloop.gate import gate_version
+    if runs.sweep_dir() is not None:  # every job of a sweep is gated; promote the best passing one by hand
+        from detloop.evaluation.gating import gate_version
 
         record = gate_version(cfg, version, alias="production")
         return {**result, "metrics": final, "decision": record["decision"], "figures": record["figures"],
@@ -138,7 +106,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _tag(cfg: DictConfig, version: str, run_id: str, base_version: str, mix: dict) -> None:
-    tags = {k: v for k, v in tracking.lineage_tags(cfg, STAGE).items() if k != "stage"}
+    tags = {k: v for k, v in runs.lineage_tags(cfg, STAGE).items() if k != "stage"}
     tags.update(
         {
             "kind": "finetune",

@@ -13,7 +13,7 @@ and ``build/gate/retrain.json`` (a retrained base), whichever the gate wrote, an
 * skipped (no candidate): nothing.
 
 Every move is one ``set_registered_model_alias`` call (atomic: exactly one holder at every moment)
-and one audit run (:mod:`detloop.registry`). Re-running is idempotent: a candidate that already got
+and one audit run (:mod:`detloop.tracking.registry`). Re-running is idempotent: a candidate that already got
 its alias from an earlier run is not moved again, not even after a human took the alias away from it
 (a rollback is never undone by the pipeline). Outputs: ``build/promote/result.json`` (what was
 decided and moved) and ``build/promote/lineage.json`` (the DVC output), both deterministic.
@@ -33,18 +33,17 @@ Human decisions (``detloop promote`` / ``detloop rollback``) are recorded with w
 
 from __future__ import annotations
 
-import getpass
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from detloop import registry, tracking
-from detloop.config import config_hash
-from detloop.errors import BadInput
-from detloop.stage import hydra_entry, read_json, stage_dir, write_json
+from detloop.core.config import config_hash
+from detloop.core.errors import BadInput
+from detloop.core.stage import hydra_entry, read_json, stage_dir, write_json
+from detloop.tracking import registry, runs
+from detloop.tracking.promotion import clear_staging_of, last_move_to, version_tags
 
 log = logging.getLogger(__name__)
 
@@ -110,50 +109,6 @@ def target_alias(cfg: DictConfig, gate: GateDecision) -> str | None:
 # --------------------------------------------------------------------------- registry helpers
 
 
-def version_tags(cfg: DictConfig, version: str) -> dict[str, str]:
-    """The tags of an existing version; BadInput naming the version if there is no such version."""
-    name = cfg.mlflow.registered_model
-    if not str(version).isdigit():
-        raise BadInput(f"{version!r} is not a version number of {name}", ["give its number (see detloop registry)"])
-    try:
-        return dict(registry.client().get_model_version(name, str(version)).tags or {})
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise BadInput(f"version {version} of {name} does not exist", ["see `detloop registry`"]) from err
-
-
-def last_move_to(cfg: DictConfig, alias: str, version: str) -> dict | None:
-    """The newest recorded move (that happened) giving ``alias`` to ``version``, or None."""
-    moves = [m for m in registry.history(cfg) if m["state"] == "done" and m["alias"] == alias]
-    return next((m for m in reversed(moves) if m["to_version"] == str(version)), None)
-
-
-def gate_figures(tags: dict[str, str]) -> dict[str, float]:
-    """The numeric gate figures among a version's tags (``gate.*``), for the audit run."""
-    out = {}
-    for key, value in tags.items():
-        if key.startswith("gate.") and ".per_class." not in key:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                continue
-    return out
-
-
-def _clear_staging_of(cfg: DictConfig, version: str, *, who: str | None, why: str, decision: str) -> None:
-    """A version that went to production no longer waits in ``staging``."""
-    if registry.alias_holder(cfg.mlflow.registered_model, "staging") == version:
-        registry.clear_alias(cfg, "staging", why=f"v{version} took production: {why}", who=who, decision=decision)
-
-
-def _took_production(cfg: DictConfig, version: str) -> None:
-    """A version back in production is no longer a rolled-back one."""
-    name = cfg.mlflow.registered_model
-    if registry.client().get_model_version(name, version).tags.get("rolled_back"):
-        registry.client().delete_model_version_tag(name, version, "rolled_back")
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -201,7 +156,7 @@ def apply_decision(cfg: DictConfig, gate: GateDecision) -> dict:
     previous = registry.move_alias(cfg, alias, version, why=why, decision=gate.decision, figures=numeric,
                                    tags={"audit.kind": gate.kind, "audit.stage": STAGE})  # fmt: skip
     if alias == "production":
-        _clear_staging_of(cfg, version, who=None, why=why, decision=gate.decision)
+        clear_staging_of(cfg, version, who=None, why=why, decision=gate.decision)
     return {**result, "from": previous, "to": version}
 
 
@@ -221,7 +176,7 @@ def run(cfg: DictConfig) -> dict:
     records = {src: read_json(path, "the gate decision (stage gate)") for src, path in files.items()}
     gates = {src: parse_decision(r, files[src], cfg) for src, r in records.items() if not r.get("skipped")}
     if gates:
-        tracking.setup(cfg)
+        runs.setup(cfg)
     results: dict[str, dict] = {}
     for src, record in records.items():
         if record.get("skipped"):
@@ -236,108 +191,6 @@ def run(cfg: DictConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- human decisions
-
-
-def _required(value: str | None, option: str) -> str:
-    if not value or not value.strip():
-        raise BadInput(f"{option} is required", [f"{option}: who decides and why is recorded with every promotion"])
-    return value.strip()
-
-
-def promote_version(
-    cfg: DictConfig, version: str, *, reviewer: str, reason: str, force: bool = False, alias: str = "production"
-) -> dict:
-    """A human gives ``alias`` to ``version``; returns ``{alias, from, to, moved, forced}``.
-
-    Refuses (BadInput, nothing changed) a version without the gate's record (tag ``gate.decision``)
-    or one the gate rejected, unless ``force``; a forced promotion is recorded (``audit.forced=true``
-    on the audit run, ``forced_promotion=true`` on the version). ``base`` only goes to ``kind=base``.
-    """
-    reviewer, reason = _required(reviewer, "--reviewer"), _required(reason, "--reason")
-    if alias not in registry.ALIASES:
-        raise BadInput(f"unknown alias {alias!r}", [f"--alias: one of {', '.join(registry.ALIASES)}"])
-    name, version = cfg.mlflow.registered_model, str(version).strip()
-    tags = version_tags(cfg, version)
-    kind, gated = tags.get("kind", ""), tags.get("gate.decision")
-    if alias == "base" and kind != "base":
-        raise BadInput(f"version {version} is kind={kind or '?'}: only a base model can take 'base'",
-                       ["fine-tunes always start from a base model; they are never chained (tag kind)"])  # fmt: skip
-    needs_force = gated is None or gated == "reject"
-    if needs_force and not force:
-        problem = "has no gate record (tag gate.decision)" if gated is None else "was rejected (gate.decision=reject)"
-        hints = [f"gate it first, or pass --force to override (recorded as forced on v{version})"]
-        if alias == "production" and last_move_to(cfg, "production", version):
-            hints.append(f"it served in production before: detloop rollback --to {version}")
-        raise BadInput(f"refusing to promote version {version}: it {problem}", hints)
-    holder = registry.alias_holder(name, alias)
-    if holder == version:
-        log.info("v%s already holds %s: nothing changed", version, alias)
-        return {"alias": alias, "from": holder, "to": version, "moved": False, "forced": False}
-    if kind == "base" and alias == "production":
-        log.warning("v%s is a base model: its gate compared it with base v%s, not with production v%s",
-                    version, tags.get("gate.reference_version", "?"), holder or "-")  # fmt: skip
-    forced = force and needs_force
-    new_tags = {"promoted_by": reviewer, "promote_reason": reason}
-    if alias == "production" and holder:
-        new_tags["rollback_to"] = holder
-    if forced:
-        new_tags["forced_promotion"] = "true"
-    registry.set_version_tags(name, version, new_tags)
-    audit = {"audit.kind": kind, "audit.gate_decision": gated or "", **({"audit.forced": "true"} if forced else {})}
-    previous = registry.move_alias(cfg, alias, version, why=reason, who=reviewer, decision="promote",
-                                   figures=gate_figures(tags), tags=audit)  # fmt: skip
-    if alias == "production":
-        _took_production(cfg, version)
-        _clear_staging_of(cfg, version, who=reviewer, why=reason, decision="promote")
-    return {"alias": alias, "from": previous, "to": version, "moved": True, "forced": forced}
-
-
-def previous_production(moves: list[dict], current: str) -> str | None:
-    """Walk back: the version that held production before ``current`` got it through a non-rollback move.
-
-    ``moves`` are the audit records of ``production`` that happened, oldest first. Rolling back twice
-    goes further back (v3 -> v2 -> v1) because the move that gave v2 its production is the one before.
-    """
-    for move in reversed(moves):
-        if move["to_version"] == current and move["decision"] != "rollback":
-            return move["from_version"] or None
-    return None
-
-
-def rollback(cfg: DictConfig, *, to: str | None = None, reviewer: str | None = None, reason: str | None = None) -> dict:
-    """Give production back to the previous version (or ``to``); returns ``{alias, from, to, reviewer, reason}``.
-
-    Recorded with decision ``rollback``; the rolled-back version is tagged ``rolled_back=true`` and
-    stays registered. Refuses (BadInput, nothing changed) when there is no previous version.
-    """
-    name = cfg.mlflow.registered_model
-    reviewer = (reviewer or "").strip() or getpass.getuser()
-    reason = (reason or "").strip() or "rollback (no reason given)"
-    registry.reconcile(cfg, "production")
-    current = registry.alias_holder(name, "production")
-    if current is None:
-        raise BadInput(f"no version of {name} holds 'production': nothing to roll back")
-    moves = [m for m in registry.history(cfg) if m["alias"] == "production" and m["state"] == "done"]
-    if to is None:
-        target = previous_production(moves, current)
-        if target is None:
-            raise BadInput(f"no previous production version before v{current} in the audit trail",
-                           ["name one with --to VERSION (a version that served before)"])  # fmt: skip
-        version_tags(cfg, target)  # it may have been deleted since
-    else:
-        target = str(to).strip()
-        version_tags(cfg, target)  # refuses an unknown version
-        if target == current:
-            raise BadInput(f"version {target} already holds 'production': nothing to roll back")
-        if target not in {m["to_version"] for m in moves}:
-            raise BadInput(f"version {target} never held 'production': a rollback only returns to a version "
-                           "that served before", [f"to ship it, promote it: detloop promote {target} "
-                                                  "--reviewer NAME --reason TEXT"])  # fmt: skip
-    registry.move_alias(cfg, "production", target, why=reason, who=reviewer, decision="rollback",
-                        tags={"audit.rolled_back": current})  # fmt: skip
-    registry.set_version_tags(name, current, {"rolled_back": "true"})
-    _took_production(cfg, target)
-    return {"alias": "production", "from": current, "to": target, "reviewer": reviewer, "reason": reason}
 
 
 main = hydra_entry(run)

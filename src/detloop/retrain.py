@@ -15,15 +15,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig
 
-from detloop import pool, registry, tracking
-from detloop.base import train_from_scratch, write_result
-from detloop.config import config_hash, resolve_path
-from detloop.manifest import manifest_hash
-from detloop.mix import anchor_images
-from detloop.stage import anchor_names, hydra_entry, read_json, stage_dir, write_json
+from detloop.core.config import config_hash, resolve_path
+from detloop.core.stage import hydra_entry, read_json, stage_dir, write_json
+from detloop.data import pool
+from detloop.data.datasets import anchor_images, anchor_names, write_data_yaml
+from detloop.data.manifest import MANIFEST, manifest_hash
+from detloop.tracking import registry, runs
+from detloop.training.trainer import train_from_scratch, write_result
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,7 @@ def retrain_yaml(cfg: DictConfig, out: Path) -> tuple[Path, dict]:
         "train": anchor_images(anchor, "train") + pool.pool_samples(cfg, "train"),
         "val": anchor_images(anchor, "val") + pool.pool_samples(cfg, "val"),
     }
-    spec: dict = {"names": anchor_names(anchor)}
-    for split, images in lists.items():
-        path = out / f"{split}.txt"
-        path.write_text("".join(f"{p.resolve()}\n" for p in images))
-        spec[split] = str(path)
-    data_yaml = out / "data.yaml"
-    data_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
+    data_yaml = write_data_yaml(out, anchor_names(anchor), lists)
     counts = {
         "data.anchor_train": len(anchor_images(anchor, "train")),
         "data.pool_train": len(lists["train"]) - len(anchor_images(anchor, "train")),
@@ -65,20 +59,20 @@ def run(cfg: DictConfig) -> dict:
         write_json(out / "lineage.json", {"stage": STAGE, "skipped": True, "input": due})
         return {"skipped": True, "reason": message}
     anchor = resolve_path(cfg, "anchor")
-    pool_sha = manifest_hash(resolve_path(cfg, "pool") / "manifest.jsonl")
+    pool_sha = manifest_hash(resolve_path(cfg, "pool") / MANIFEST)
     data_yaml, counts = retrain_yaml(cfg, out)
-    params = {**counts, "data.anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl"),
+    params = {**counts, "data.anchor_manifest_sha256": manifest_hash(anchor / MANIFEST),
               "data.pool_manifest_sha256": pool_sha, "data.pool_size": due["pool_size"]}  # fmt: skip
     trained = train_from_scratch(cfg, cfg.retrain, STAGE, data_yaml, params, run_name="base retrain")
     _tag(cfg, trained, due, counts, anchor, pool_sha)
     lineage = {"stage": STAGE, "config_hash": config_hash(cfg.retrain), "input": due,
-               "anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl")}  # fmt: skip
+               "anchor_manifest_sha256": manifest_hash(anchor / MANIFEST)}  # fmt: skip
     return write_result(cfg, STAGE, trained, lineage)
 
 
 def _tag(cfg: DictConfig, trained: dict, due: dict, counts: dict, anchor: Path, pool_sha: str) -> None:
     name, version, run_id = cfg.mlflow.registered_model, trained["version"], trained["run_id"]
-    tags = {k: v for k, v in tracking.lineage_tags(cfg, STAGE).items() if k != "stage"}
+    tags = {k: v for k, v in runs.lineage_tags(cfg, STAGE).items() if k != "stage"}
     tags.update(
         {
             "kind": "base",
@@ -88,7 +82,7 @@ def _tag(cfg: DictConfig, trained: dict, due: dict, counts: dict, anchor: Path, 
             "pool.size": due["pool_size"],
             "pool.train_size": counts["data.pool_train"],
             "pool.manifest_sha256": pool_sha,
-            "lineage.anchor_manifest_sha256": manifest_hash(anchor / "manifest.jsonl"),
+            "lineage.anchor_manifest_sha256": manifest_hash(anchor / MANIFEST),
             "lineage.base_model": str(cfg.retrain.model),
             "retrain.since_base_version": due.get("since_base_version") or "",
         }

@@ -92,8 +92,8 @@ def base_runs(repo: Path) -> list:
 
 
 def versions(repo: Path) -> list:
-    from detloop import registry
-    from detloop.config import compose
+    from detloop.core.config import compose
+    from detloop.tracking import registry
 
     mlflow.set_tracking_uri(store(repo))
     return registry.versions(compose([], root=repo))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tests.conftest import wait_healthy
 
-from detloop._env import free_port
+from detloop.core.env import free_port
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import numpy as np
 def synthetic_predictions(images: list[Path], seed: int = 0) -> list:
     """Plausible detections from the ground truth: jittered boxes (some of another class), misses and
     false positives, random confidences. Deterministic for ``seed``; mAP well above 0 and below 1."""
-    from detloop.evaluator import Detections, image_size, load_ground_truth
+    from detloop.evaluation.evaluator import Detections, image_size, load_ground_truth
 
     rng = np.random.default_rng(seed)
     out = []
@@ -43,49 +43,50 @@ def synthetic_predictions(images: list[Path], seed: int = 0) -> list:
 
 
 def _cfg(args: dict):
-    from detloop.config import compose
+    from detloop.core.config import compose
 
     return compose(args["overrides"])
 
 
 def store_synthetic(args: dict) -> dict:
     """Load anchor-test, store the synthetic predictions as ``predictions_synthetic``, evaluate."""
-    from detloop import fiftyone_eval, fiftyone_load
-    from detloop.config import resolve_path
-    from detloop.stage import anchor_names
+    from detloop.core.config import resolve_path
+    from detloop.data.datasets import anchor_names
+    from detloop.fiftyone import eval as fo_eval
+    from detloop.fiftyone import load as fo_load
 
     cfg = _cfg(args)
     names = anchor_names(resolve_path(cfg, "anchor"))
-    dataset = fiftyone_load.load_set(cfg, "anchor-test", names)
+    dataset = fo_load.load_set(cfg, "anchor-test", names)
     paths = [Path(p) for p in dataset.values("filepath")]
     sizes = zip(dataset.values("metadata.width"), dataset.values("metadata.height"), strict=True)
-    values = {str(p): fiftyone_load.detections_from_pixels(d.boxes, d.cls, d.conf, size, names)
+    values = {str(p): fo_load.detections_from_pixels(d.boxes, d.cls, d.conf, size, names)
               for p, d, size in zip(paths, synthetic_predictions(paths, args["seed"]), sizes, strict=True)}
     dataset.set_values("predictions_synthetic", values, key_field="filepath")
-    results = fiftyone_eval.evaluate(dataset, "predictions_synthetic", cfg)
-    worst = fiftyone_eval.worst_samples(dataset, "eval_synthetic", "fn")
-    patches = fiftyone_eval.class_patches(dataset, "eval_synthetic", "table", "predictions_synthetic")
+    results = fo_eval.evaluate(dataset, "predictions_synthetic", cfg)
+    worst = fo_eval.worst_samples(dataset, "eval_synthetic", "fn")
+    patches = fo_eval.class_patches(dataset, "eval_synthetic", "table", "predictions_synthetic")
     # the report at a confidence threshold, against FiftyOne evaluating only the confident predictions
     from fiftyone import ViewField as F  # noqa: N817
 
-    at_conf = fiftyone_eval.report(results, dataset, 3, conf=0.5)
+    at_conf = fo_eval.report(results, dataset, 3, conf=0.5)
     confident = dataset.filter_labels("predictions_synthetic", F("confidence") >= 0.5, only_matches=False)
-    direct = fiftyone_eval.evaluate(confident, "predictions_synthetic", cfg, key="eval_confident")
-    return {"figures": fiftyone_eval.figures(results), "paths": [str(p) for p in paths],
-            "report": fiftyone_eval.report(results, dataset, 3), "report_at_conf": at_conf,
+    direct = fo_eval.evaluate(confident, "predictions_synthetic", cfg, key="eval_confident")
+    return {"figures": fo_eval.figures(results), "paths": [str(p) for p in paths],
+            "report": fo_eval.report(results, dataset, 3), "report_at_conf": at_conf,
             "report_confident_only": direct.report(classes=[k for k in at_conf if "avg" not in k]),
             "fn_sorted": worst.values("eval_synthetic_fn"), "patch_labels": sorted(set(patches.distinct("type"))),
             "patches": len(patches), "table_objects": dataset.count_values("ground_truth.detections.label")["table"]}
 
 
 def compare_fields(args: dict) -> dict:
-    from detloop import fiftyone_eval
+    from detloop.fiftyone import eval as fo_eval
 
     cfg = _cfg(args)
     import fiftyone as fo
 
     dataset = fo.load_dataset(args["dataset"])
-    found = fiftyone_eval.compare(dataset, args["base"], args["candidate"], cfg)
+    found = fo_eval.compare(dataset, args["base"], args["candidate"], cfg)
     return {"base": found["base"], "candidate": found["candidate"], "map50_change": found["map50_change"],
             "worse": len(found["candidate_worse"]), "better": len(found["candidate_better"]),
             "evaluations": dataset.list_evaluations()}
@@ -168,14 +169,15 @@ def curate_flow(args: dict) -> dict:
     label map, seeded split (twice, same result), Ultralytics export."""
     import fiftyone as fo
 
-    from detloop import fiftyone_curate, fiftyone_load
-    from detloop.config import resolve_path
-    from detloop.stage import anchor_names
+    from detloop.core.config import resolve_path
+    from detloop.data.datasets import anchor_names
+    from detloop.fiftyone import curate as fiftyone_curate
+    from detloop.fiftyone import load as fo_load
 
     cfg = _cfg(args)
     prefix = cfg.fiftyone.dataset_prefix
     names = anchor_names(resolve_path(cfg, "anchor"))
-    anchor = fiftyone_load.load_set(cfg, "anchor-test", names)
+    anchor = fo_load.load_set(cfg, "anchor-test", names)
     pred = args["pred_field"]
     test = fiftyone_curate.class_test_set(anchor, ["table"], f"{prefix}-table-test", pred_fields=[pred])
     zoo = fiftyone_curate.load_source({"kind": "zoo", "name": "coco-2017", "split": "validation",
@@ -204,11 +206,11 @@ STEPS = {f.__name__: f for f in (store_synthetic, compare_fields, dataset_facts,
                                   curate_flow)}  # fmt: skip
 
 if __name__ == "__main__":
-    from detloop.fiftyone_db import connect, import_fiftyone
+    from detloop.fiftyone.db import connect, import_fiftyone
 
     import_fiftyone()
     steps = json.loads(Path(sys.argv[1]).read_text())
-    from detloop.config import compose
+    from detloop.core.config import compose
 
     connect(compose(steps[0][1]["overrides"]))
     found = []

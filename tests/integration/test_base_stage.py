@@ -9,11 +9,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from detloop import registry
 from detloop.base import run as run_base
-from detloop.config import compose
-from detloop.errors import BadInput, TrackingUnavailable
+from detloop.core.config import compose
+from detloop.core.errors import BadInput, TrackingUnavailable
 from detloop.evaluate import run as run_evaluate
+from detloop.tracking import registry
 
 pytestmark = pytest.mark.integration
 

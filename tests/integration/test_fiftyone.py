@@ -3,7 +3,7 @@
 Each module run starts its own mongod (FiftyOne's binary) on a free port with a private dbpath and
 stops it afterwards: a FiftyOne process would otherwise join any FiftyOne database already running
 on the machine. This process imports MLflow, so FiftyOne itself runs in child processes: the
-``detloop`` commands' own (:mod:`detloop.fiftyone_job`) and the test steps in ``fiftyone_checks``.
+``detloop`` commands' own (:mod:`detloop.fiftyone.job`) and the test steps in ``fiftyone_checks``.
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ from PIL import Image
 from tests.conftest import ROOT, tiny_overrides
 from tests.integration.fiftyone_checks import synthetic_predictions
 
-from detloop import evaluator, gate
-from detloop._env import free_port
 from detloop.base import run as run_base
-from detloop.cli import main as cli
-from detloop.config import compose
-from detloop.evaluate import model_weights
-from detloop.fiftyone_db import Mongod, start_mongod, stop_mongod
-from detloop.fiftyone_job import resolve_models, run_job
-from detloop.inbox import add_to_inbox
-from detloop.manifest import read_manifest, sha256_file
-from detloop.stage import anchor_names
-from detloop.yolo_format import label_path_for
+from detloop.cli.main import main as cli
+from detloop.core.config import compose
+from detloop.core.env import free_port
+from detloop.data.datasets import anchor_names
+from detloop.data.inbox import add_to_inbox
+from detloop.data.manifest import read_manifest, sha256_file
+from detloop.data.yolo_format import label_path_for
+from detloop.evaluation import evaluator, gating
+from detloop.fiftyone.db import Mongod, start_mongod, stop_mongod
+from detloop.fiftyone.job import resolve_models, run_job
+from detloop.model.pyfunc import model_weights
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,7 @@ def test_inspect_loads_sets_and_its_map_is_the_gates(project, database, tmp_path
     figures = first["datasets"][f"{prefix}-anchor-test"]["figures"]["predictions_v1"]
     weights, config = model_weights(f"models:/{cfg.mlflow.registered_model}/1", tmp_path / "weights")
     images = sorted((tmp_path / "data/anchor/images/test").glob("*.jpg"))
-    measured = gate.measure(cfg, weights, int(config["imgsz"]), images, anchor_names(tmp_path / "data/anchor"))
+    measured = gating.measure(cfg, weights, int(config["imgsz"]), images, anchor_names(tmp_path / "data/anchor"))
     assert figures["map50"] == pytest.approx(measured["map50"], abs=5e-4)
     assert figures["map50_95"] == pytest.approx(measured["map50_95"], abs=5e-4)
     assert figures["eval_key"] == "eval_v1" and len(figures["report"]) >= 3
@@ -148,7 +148,7 @@ def test_inspect_loads_sets_and_its_map_is_the_gates(project, database, tmp_path
 
 def test_masks_map_equality_views_and_version_compare(project, database, tmp_path):
     overrides = copy_project(project, database, tmp_path)
-    from detloop.yolo import ultralytics
+    from detloop.model.yolo import ultralytics
 
     seg = tmp_path / "yolov8n-seg-untrained.pt"
     model = ultralytics().YOLO("yolov8n-seg.yaml")
@@ -360,9 +360,9 @@ def test_a_killed_review_leaves_inbox_and_pool_consistent(project, database, tmp
     job = tmp_path / "commit.json"
     job.write_text(json.dumps({"action": "review-commit", "overrides": overrides, "reviewer": "bob",
                                "result": str(tmp_path / "commit-result.json")}))  # fmt: skip
-    killer = ("import os, signal, sys; import detloop.review as r; "
+    killer = ("import os, signal, sys; import detloop.data.review as r; "
               "r.remove_from_inbox = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
-              "from detloop.fiftyone_job import main; sys.exit(main([sys.argv[1]]))")  # fmt: skip
+              "from detloop.fiftyone.job import main; sys.exit(main([sys.argv[1]]))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", killer, str(job)], cwd=ROOT, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL
     # then nothing is lost: a and b are in the pool with their files, and still listed in the inbox

@@ -9,12 +9,12 @@ import mlflow
 import pytest
 from tests.conftest import tiny_overrides
 
-from detloop import registry
 from detloop.base import run as run_base
-from detloop.config import compose
-from detloop.errors import BadInput
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
 from detloop.finetune import run as run_finetune
 from detloop.mix import run as run_mix
+from detloop.tracking import registry
 
 pytestmark = pytest.mark.integration
 

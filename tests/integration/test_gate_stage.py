@@ -13,15 +13,16 @@ import pandas as pd
 import pytest
 from tests.conftest import ROOT, tiny_overrides
 
-from detloop import gate, registry
 from detloop.base import run as run_base
-from detloop.cli import main as cli_main
-from detloop.config import compose
+from detloop.cli.main import main as cli_main
+from detloop.core.config import compose
+from detloop.evaluation import gates
 from detloop.finetune import run as run_finetune
 from detloop.gate import run as run_gate
 from detloop.mix import run as run_mix
 from detloop.promote import run as run_promote
 from detloop.retrain import run as run_retrain
+from detloop.tracking import registry
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +49,7 @@ def test_the_gate_compares_the_candidate_with_production_and_records_the_decisio
     # then v2 was measured against v1 (production) on the same sets, with every gate
     assert record["candidate"]["version"] == "2" and record["production"] == {"version": "1", "alias": "production"}
     assert set(record["gates"]) == {"regression", "new_samples", "ab"}
-    assert record["decision"] == gate.combine(record["gates"])
+    assert record["decision"] == gates.combine(record["gates"])
     cand, ref = record["measured"]["candidate"], record["measured"]["reference"]
     assert cand["anchor_test"]["images"] == ref["anchor_test"]["images"] == 8
     assert cand["ab"]["images"] == 8  # the A/B sample: all 8 labelled images (size 100 > 8)

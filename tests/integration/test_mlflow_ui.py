@@ -17,13 +17,13 @@ import pytest
 from PIL import Image
 from tests.conftest import tiny_overrides, wait_healthy
 
-from detloop import registry
-from detloop._env import free_port
 from detloop.base import run as run_base
-from detloop.config import compose
+from detloop.core.config import compose
+from detloop.core.env import free_port
 from detloop.finetune import run as run_finetune
 from detloop.gate import run as run_gate
 from detloop.mix import run as run_mix
+from detloop.tracking import registry
 
 pytestmark = pytest.mark.integration
 

@@ -16,19 +16,19 @@ import time
 import pytest
 from tests.conftest import register_version
 
-from detloop import registry, tracking
-from detloop.config import compose
-from detloop.promote import promote_version, rollback
+from detloop.core.config import compose
+from detloop.core.stage import stage_dir, write_json
 from detloop.promote import run as run_promote
-from detloop.stage import stage_dir, write_json
+from detloop.tracking import registry, runs
+from detloop.tracking.promotion import promote_version, rollback
 
 pytestmark = pytest.mark.integration
 
 PROMOTE_LOOP = """
 import itertools, sys
-from detloop.config import compose
-from detloop.promote import promote_version
-from detloop.tracking import setup
+from detloop.core.config import compose
+from detloop.tracking.promotion import promote_version
+from detloop.tracking.runs import setup
 cfg = compose(sys.argv[2:])
 setup(cfg)
 versions = sys.argv[1].split(",")
@@ -55,7 +55,7 @@ for uri in uris:
         run = client.create_run(experiment)
         model = client.create_logged_model(experiment, name="model", source_run_id=run.info.run_id)
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        # what mlflow.pyfunc.log_model(registered_model_name=...) calls in detloop.pyfunc.log_detector
+        # what mlflow.pyfunc.log_model(registered_model_name=...) calls in detloop.model.pyfunc.log_detector
         got.append(mlflow.register_model(f"models:/{model.model_id}", name).version)
     print(" ".join(map(str, got)), flush=True)
 """
@@ -159,21 +159,21 @@ def test_concurrent_registrations_lose_no_version_on_sqlite_and_on_a_server(serv
     sqlite_cfg = compose(registry_overrides)
     server_cfg = compose([*registry_overrides, f"mlflow.tracking_uri={server}"])
     for cfg in (sqlite_cfg, server_cfg):
-        tracking.setup(cfg)  # the experiment exists before the race
+        runs.setup(cfg)  # the experiment exists before the race
     name = sqlite_cfg.mlflow.registered_model
     # when 4 processes register 5 versions each, at the same time, in each store
-    results = register_concurrently([tracking.tracking_uri(sqlite_cfg), server], name)
+    results = register_concurrently([runs.tracking_uri(sqlite_cfg), server], name)
     # then every store holds versions 1..20, each given to exactly one registration
     for cfg, got in zip((sqlite_cfg, server_cfg), results, strict=True):
-        tracking.setup(cfg)
+        runs.setup(cfg)
         assert sorted(v for worker in got for v in worker) == list(range(1, 21))
         assert len(registry.client().search_model_versions(f"name='{name}'", max_results=1000)) == 20
 
 
 SETUP = """
 import sys
-from detloop.config import compose
-from detloop.tracking import setup
+from detloop.core.config import compose
+from detloop.tracking.runs import setup
 cfg = compose(sys.argv[1:])
 print("ready", flush=True)
 sys.stdin.readline()  # all workers start together
@@ -197,7 +197,7 @@ def test_concurrent_first_use_of_a_new_sqlite_store_creates_it_once(tmp_path, re
     # then every one succeeds and they all got the one experiment
     assert len(set(ids)) == 1 and ids[0]
     cfg = compose(overrides)
-    tracking.setup(cfg)
+    runs.setup(cfg)
     assert [e.name for e in registry.client().search_experiments()].count(cfg.mlflow.experiment) == 1
     # and the artifacts of the project's own store go under <store>/artifacts (also for the audit runs)
     for experiment_id in (ids[0], registry.audit_experiment_id(cfg)):
@@ -209,7 +209,7 @@ def test_concurrent_first_use_of_a_new_sqlite_store_creates_it_once(tmp_path, re
 
 def test_promote_stage_promotion_and_rollback_through_a_server(server, registry_overrides):
     cfg = compose([*registry_overrides, f"mlflow.tracking_uri={server}"])
-    tracking.setup(cfg)
+    runs.setup(cfg)
     v1, v2, v3 = gated_versions(cfg, 2)
     name = cfg.mlflow.registered_model
     # the stage promotes a passing fine-tune

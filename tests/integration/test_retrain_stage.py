@@ -9,11 +9,12 @@ import mlflow
 import pytest
 from tests.conftest import tiny_overrides
 
-from detloop import pool, registry
 from detloop.base import run as run_base
-from detloop.config import compose
+from detloop.core.config import compose
+from detloop.data import pool
 from detloop.mix import run as run_mix
 from detloop.retrain import run as run_retrain
+from detloop.tracking import registry
 
 pytestmark = pytest.mark.integration
 
@@ -73,4 +74,4 @@ def test_at_the_threshold_a_new_base_is_trained_on_anchor_and_pool_and_awaits_th
     # and the next mix counts new samples from the new base: nothing is due any more
     run_mix(cfg)
     assert retrain_input(base) == {"due": False, "threshold": 10}
-    assert pool.last_base_from_registry(cfg) == {"version": "2", "pool_size": 12}
+    assert registry.last_base_from_registry(cfg) == {"version": "2", "pool_size": 12}

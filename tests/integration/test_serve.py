@@ -27,12 +27,13 @@ from PIL import Image
 from tests.conftest import tiny_overrides, wait_healthy
 from tests.serving_helpers import anchor_classes, detector_weights, page_bytes, register_detector
 
-from detloop import predlog, registry
-from detloop._env import free_port
-from detloop.cli import main
-from detloop.config import compose, resolve_path
-from detloop.manifest import read_manifest
-from detloop.promote import promote_version, rollback
+from detloop.cli.main import main
+from detloop.core.config import compose, resolve_path
+from detloop.core.env import free_port
+from detloop.data.manifest import read_manifest
+from detloop.production import predlog
+from detloop.tracking import registry
+from detloop.tracking.promotion import promote_version, rollback
 
 pytestmark = pytest.mark.integration
 
@@ -117,12 +118,12 @@ def test_mlflow_models_serve_gives_the_same_predictions_for_the_same_request(pro
     """The contract is MLflow's: its own scoring server on the same version answers the same payload alike."""
     import os
 
-    from detloop import tracking
+    from detloop.tracking import runs
 
     payload = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(page_bytes(15))]]}}).encode()
     ours = post(server, "/invocations", payload).json()
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(project["cfg"]),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": runs.tracking_uri(project["cfg"]),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # fmt: skip
     uri = f"models:/{project['cfg'].mlflow.registered_model}/{project['v1']}"
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri, "-p", str(port),

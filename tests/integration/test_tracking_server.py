@@ -5,9 +5,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from detloop import registry
 from detloop.base import run as run_base
-from detloop.config import compose
+from detloop.core.config import compose
+from detloop.tracking import registry
 
 pytestmark = pytest.mark.integration
 

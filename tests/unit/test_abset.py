@@ -7,11 +7,12 @@ import json
 import pytest
 from tests.serving_helpers import page_bytes
 
-from detloop import abset, gate, predlog
-from detloop.cli import main
-from detloop.config import compose
-from detloop.errors import BadInput
-from detloop.manifest import read_manifest, sha256_bytes
+from detloop.cli.main import main
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
+from detloop.data.manifest import read_manifest, sha256_bytes
+from detloop.evaluation import gating
+from detloop.production import abset, predlog
 
 DET = {"class_id": 2, "class_name": "amount", "confidence": 0.9, "xc": 0.5, "yc": 0.4, "w": 0.2, "h": 0.1}
 
@@ -84,7 +85,7 @@ def test_reviewed_samples_form_the_labelled_set_the_gate_reads(project, tmp_path
     assert read_manifest(ab / "inbox/manifest.jsonl") == []
     assert (ab / "verified/labels" / f"{unlabelled[0]}.txt").read_text() == "0 0.5 0.1 0.6 0.08\n"
     # and the gate's A/B sample reads it as is
-    sample = gate.ab_sample(compose([*overrides, f"gate.ab.data={ab / 'verified'}", "gate.ab.size=100"]))
+    sample = gating.ab_sample(compose([*overrides, f"gate.ab.data={ab / 'verified'}", "gate.ab.size=100"]))
     assert sorted(p.stem for p in sample) == sorted(added)
 
 

@@ -11,11 +11,11 @@ import pytest
 import yaml
 from PIL import Image, ImageFile
 
-from detloop.anchor import import_anchor, plan_anchor, write_anchor
-from detloop.config import compose
-from detloop.errors import BadInput
-from detloop.manifest import read_manifest, sha256_file
-from detloop.yolo_format import (
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
+from detloop.data.anchor import import_anchor, plan_anchor, write_anchor
+from detloop.data.manifest import read_manifest, sha256_file
+from detloop.data.yolo_format import (
     IMG_FORMATS,
     check_image,
     check_label_file,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from detloop.cli import main
+from detloop.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 DETLOOP = str(Path(sys.executable).parent / "detloop")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from detloop.config import compose, config_hash
+from detloop.core.config import compose, config_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detloop.config import compose
-from detloop.demo_data import CLASSES, Page, _rotate_points, write_demo_data
-from detloop.errors import BadInput
-from detloop.manifest import read_manifest, sha256_file
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
+from detloop.data.demo import CLASSES, Page, _rotate_points, write_demo_data
+from detloop.data.manifest import read_manifest, sha256_file
 
 TINY = {"anchor": {"train": 24, "val": 8, "test": 8}, "pool": 12, "inbox": 4}
 
@@ -130,7 +130,7 @@ def test_reported_failures_come_from_a_template_the_anchor_never_shows(written):
 
 
 def test_pool_manifest_rows_are_verified_with_fixed_splits(written):
-    from detloop.manifest import split_for
+    from detloop.data.manifest import split_for
 
     # given the pool manifest and the configured pool split
     data, _ = written

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detloop import evaluator
-from detloop.errors import BadInput
-from detloop.evaluator import (
+from detloop.core.errors import BadInput
+from detloop.evaluation import evaluator
+from detloop.evaluation.evaluator import (
     NO_GT,
     Detections,
     GroundTruth,
@@ -195,7 +195,7 @@ def test_detection_rate_and_map_from_precomputed_predictions():
 @pytest.fixture(scope="module")
 def untrained_weights(tmp_path_factory) -> Path:
     """An untrained yolov8n saved as a .pt (no download, no training)."""
-    from detloop.yolo import ultralytics
+    from detloop.model.yolo import ultralytics
 
     path = tmp_path_factory.mktemp("weights") / "untrained.pt"
     ultralytics().YOLO("yolov8n.yaml").save(str(path))

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from detloop.cli import main as cli
-from detloop.config import compose
-from detloop.errors import BadInput
-from detloop.fiftyone_load import check_sets, class_names, crop_mask, prediction_field, yolo_to_boxes
-from detloop.fiftyone_review import yolo_text
+from detloop.cli.main import main as cli
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
+from detloop.fiftyone.load import check_sets, class_names, crop_mask, prediction_field, yolo_to_boxes
+from detloop.fiftyone.review import yolo_text
 
 
 def test_yolo_centre_boxes_become_top_left_boxes_without_touching_the_input():
@@ -77,10 +77,10 @@ def test_app_review_commands_refuse_bad_input_before_any_work(overrides, capsys)
 
 @pytest.mark.integration
 def test_fiftyone_refuses_to_load_after_mlflow_and_loads_before_it():
-    after = "import mlflow\nfrom detloop.fiftyone_db import import_fiftyone\nimport_fiftyone()"
+    after = "import mlflow\nfrom detloop.fiftyone.db import import_fiftyone\nimport_fiftyone()"
     done = subprocess.run([sys.executable, "-c", after], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "FiftyOneImportOrder" in done.stderr and "Import FiftyOne first" in done.stderr
-    before = ("from detloop.fiftyone_db import import_fiftyone\nfo = import_fiftyone()\nimport mlflow\n"
+    before = ("from detloop.fiftyone.db import import_fiftyone\nfo = import_fiftyone()\nimport mlflow\n"
               "print(fo.__version__)")
     done = subprocess.run([sys.executable, "-c", before], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "1.22.0", done.stderr[-2000:]

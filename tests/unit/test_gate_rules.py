@@ -7,9 +7,9 @@ import shutil
 import pytest
 from tests.conftest import tiny_overrides
 
-from detloop import gate
-from detloop.config import compose
-from detloop.errors import BadInput
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
+from detloop.evaluation import evaluator, gates, gating
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def holdout(rate: float, per_class: dict | None = None) -> dict:
     ],
 )
 def test_gate_1_drop_in_map50_points(cfg, reference, candidate, expected):
-    result = gate.regression_gate(cfg, anchor(candidate), anchor(reference))
+    result = gates.regression_gate(cfg, anchor(candidate), anchor(reference))
     assert result["decision"] == expected
     assert result["drop"] == pytest.approx((reference - candidate) * 100)
     assert result["text"].startswith(f"Gate 1 (regression) {expected.upper()}")
@@ -48,7 +48,7 @@ def test_gate_1_drop_in_map50_points(cfg, reference, candidate, expected):
 def test_gate_1_relative_mode_measures_the_drop_in_percent_of_the_reference():
     cfg = compose(["experiment=tiny", "gate.regression.mode=relative"])
     # 0.50 -> 0.49 is 1 point but 2 % of the reference
-    result = gate.regression_gate(cfg, anchor(0.49), anchor(0.50))
+    result = gates.regression_gate(cfg, anchor(0.49), anchor(0.50))
     assert result["drop"] == pytest.approx(2.0) and result["decision"] == "review"
     assert "% of the reference" in result["text"]
 
@@ -56,54 +56,54 @@ def test_gate_1_relative_mode_measures_the_drop_in_percent_of_the_reference():
 def test_gate_1_refuses_an_unknown_mode():
     cfg = compose(["experiment=tiny", "gate.regression.mode=percentish"])
     with pytest.raises(BadInput, match="percentish"):
-        gate.regression_gate(cfg, anchor(0.5), anchor(0.5))
+        gates.regression_gate(cfg, anchor(0.5), anchor(0.5))
 
 
 def test_gate_2_passes_above_80_percent_and_otherwise_asks_for_review_with_the_sweep(cfg):
-    passed = gate.new_samples_gate(cfg, holdout(0.933), holdout(0.478), holdout(0.887))
+    passed = gates.new_samples_gate(cfg, holdout(0.933), holdout(0.478), holdout(0.887))
     assert passed["decision"] == "pass" and passed["trained_on_detection_rate"] == 0.887
     assert "93.3% of the 180 objects in 32 held-out" in passed["text"]
-    at_threshold = gate.new_samples_gate(cfg, holdout(0.80), holdout(0.478), holdout(0.9))
+    at_threshold = gates.new_samples_gate(cfg, holdout(0.80), holdout(0.478), holdout(0.9))
     assert at_threshold["decision"] == "review"  # "> 80%" passes, 80% does not
-    failed = gate.new_samples_gate(cfg, holdout(0.0, {"title": 0.0, "table": 0.1}), holdout(0.0), holdout(0.2))
+    failed = gates.new_samples_gate(cfg, holdout(0.0, {"title": 0.0, "table": 0.1}), holdout(0.0), holdout(0.2))
     assert failed["decision"] == "review"
-    assert "did not learn the new failures" in failed["text"] and gate.SWEEP_HINT in failed["text"]
+    assert "did not learn the new failures" in failed["text"] and gates.SWEEP_HINT in failed["text"]
     assert "title 0%" in failed["text"]
 
 
 def test_gate_2_with_an_empty_holdout_asks_for_review(cfg):
-    result = gate.new_samples_gate(cfg, {"images": 0, "objects": 0}, {"images": 0, "objects": 0}, {})
+    result = gates.new_samples_gate(cfg, {"images": 0, "objects": 0}, {"images": 0, "objects": 0}, {})
     assert result["decision"] == "review" and "holdout is empty" in result["text"]
 
 
 def test_gate_3_fails_when_any_class_is_worse_beyond_the_tolerance(cfg):
     ref = {"images": 100, "ap50": {"title": 0.90, "stamp": 0.80}}
-    ok = gate.ab_gate(cfg, {"images": 100, "ap50": {"title": 0.89, "stamp": 0.95}}, ref)
+    ok = gates.ab_gate(cfg, {"images": 100, "ap50": {"title": 0.89, "stamp": 0.95}}, ref)
     assert ok["decision"] == "pass" and ok["worst_drop"] == pytest.approx(0.01)
-    worse = gate.ab_gate(cfg, {"images": 100, "ap50": {"title": 0.95, "stamp": 0.70}}, ref)
+    worse = gates.ab_gate(cfg, {"images": 100, "ap50": {"title": 0.95, "stamp": 0.70}}, ref)
     assert worse["decision"] == "review" and "stamp -0.100" in worse["text"]
     strict = compose(["experiment=tiny", "gate.ab.on_fail=reject"])
-    assert gate.ab_gate(strict, {"images": 100, "ap50": {"title": 0.95, "stamp": 0.70}}, ref)["decision"] == "reject"
+    assert gates.ab_gate(strict, {"images": 100, "ap50": {"title": 0.95, "stamp": 0.70}}, ref)["decision"] == "reject"
 
 
 def test_the_decision_is_the_strictest_gate():
-    assert gate.combine({"a": {"decision": "pass"}, "b": {"decision": "pass"}}) == "pass"
-    assert gate.combine({"a": {"decision": "pass"}, "b": {"decision": "review"}}) == "review"
-    assert gate.combine({"a": {"decision": "reject"}, "b": {"decision": "review"}}) == "reject"
+    assert gates.combine({"a": {"decision": "pass"}, "b": {"decision": "pass"}}) == "pass"
+    assert gates.combine({"a": {"decision": "pass"}, "b": {"decision": "review"}}) == "review"
+    assert gates.combine({"a": {"decision": "reject"}, "b": {"decision": "review"}}) == "reject"
 
 
 def test_the_ab_sample_is_drawn_from_labelled_images_only(tmp_path, tiny_data):
     shutil.copytree(tiny_data, tmp_path / "data")
     folder = tmp_path / "data" / "anchor" / "images" / "val"
     cfg = compose([*tiny_overrides(tmp_path), f"gate.ab.data={folder}", "gate.ab.size=5"])
-    first, again = gate.ab_sample(cfg), gate.ab_sample(cfg)
+    first, again = gating.ab_sample(cfg), gating.ab_sample(cfg)
     assert len(first) == 5 and first == again and all(p.parent == folder for p in first)
     # an image without its label file is refused by name
     unlabelled = next(folder.iterdir())
-    gate.evaluator.label_path(unlabelled).unlink()
+    evaluator.label_path(unlabelled).unlink()
     with pytest.raises(BadInput) as info:
-        gate.ab_sample(cfg)
+        gating.ab_sample(cfg)
     assert any(str(unlabelled) in problem for problem in info.value.problems)
     empty = compose([*tiny_overrides(tmp_path), f"gate.ab.data={tmp_path / 'nothing-here'}"])
     with pytest.raises(BadInput, match="gate.ab.data holds no images"):
-        gate.ab_sample(empty)
+        gating.ab_sample(empty)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from detloop.cli import main
-from detloop.config import compose
-from detloop.errors import BadInput
-from detloop.inbox import add_to_inbox, report_id
-from detloop.manifest import read_manifest, sha256_file
+from detloop.cli.main import main
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
+from detloop.data.inbox import add_to_inbox, report_id
+from detloop.data.manifest import read_manifest, sha256_file
 
 BOX = "0 0.5 0.5 0.25 0.25\n"
 
@@ -160,7 +160,7 @@ def test_an_image_over_inbox_max_pixels_is_refused(tmp_path, overrides):
 
 def test_a_report_identical_to_a_rejected_one_is_refused(tmp_path, cfg, data):
     # given an image that was reported and rejected
-    from detloop.review import review
+    from detloop.data.review import review
 
     image = write_image(tmp_path / "r/a.jpg", 22)
     [sample_id] = add_to_inbox(tmp_path / "r", cfg)["accepted"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from detloop.metrics import detection_rate, found_objects, iou_matrix, yolo_labels_xyxy
+from detloop.evaluation.metrics import detection_rate, found_objects, iou_matrix, yolo_labels_xyxy
 
 GT = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=float)
 GT_CLS = np.array([0, 1])

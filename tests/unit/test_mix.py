@@ -7,10 +7,10 @@ import shutil
 import pytest
 from tests.conftest import tiny_overrides
 
-from detloop import pool
-from detloop.config import compose
-from detloop.errors import BadInput
-from detloop.mix import build_mix, draw_replay, replay_multiplier, replay_seed, replay_size
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
+from detloop.data import pool
+from detloop.data.mixing import build_mix, draw_replay, replay_multiplier, replay_seed, replay_size
 
 TABLE = {10: 50, 50: 20, 200: 10, 500: 5}
 

@@ -11,10 +11,11 @@ import mlflow
 import pytest
 from tests.serving_helpers import DAY, seed_log, write_reports
 
-from detloop import monitor, pool, predlog
-from detloop.cli import main
-from detloop.config import compose, resolve_path
-from detloop.errors import BadInput
+from detloop.cli.main import main
+from detloop.core.config import compose, resolve_path
+from detloop.core.errors import BadInput
+from detloop.data import pool
+from detloop.production import monitor, predlog
 
 UNTIL = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 START = UNTIL - 28 * DAY

@@ -12,11 +12,12 @@ import mlflow
 import pytest
 from tests.conftest import tiny_overrides
 
-from detloop import pool, tracking
-from detloop.cli import main
-from detloop.config import compose
-from detloop.errors import BadInput
-from detloop.manifest import split_for, write_manifest
+from detloop.cli.main import main
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
+from detloop.data import pool
+from detloop.data.manifest import split_for, write_manifest
+from detloop.tracking import registry, runs
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 SPLIT = {"train": 0.7, "val": 0.1, "holdout": 0.2}
@@ -112,16 +113,16 @@ def test_a_forced_retrain_is_due_and_says_so(overrides, tmp_path):
 
 
 def test_last_base_is_the_newest_base_version_with_its_pool_size(cfg):
-    tracking.setup(cfg)
-    assert pool.last_base_from_registry(cfg) is None
+    runs.setup(cfg)
+    assert registry.last_base_from_registry(cfg) is None
     client = mlflow.MlflowClient()
     name = cfg.mlflow.registered_model
     client.create_registered_model(name)
     client.create_model_version(name, "file:///nowhere", tags={"kind": "base"})
     client.create_model_version(name, "file:///nowhere", tags={"kind": "finetune", "pool.size": "90"})
-    assert pool.last_base_from_registry(cfg) == {"version": "1", "pool_size": 0}
+    assert registry.last_base_from_registry(cfg) == {"version": "1", "pool_size": 0}
     client.create_model_version(name, "file:///nowhere", tags={"kind": "base", "retrain": "true", "pool.size": "40"})
-    assert pool.last_base_from_registry(cfg) == {"version": "3", "pool_size": 40}
+    assert registry.last_base_from_registry(cfg) == {"version": "3", "pool_size": 40}
 
 
 # --------------------------------------------------------------------------- trigger policy
@@ -191,20 +192,20 @@ def test_force_triggers_regardless_and_is_recorded(overrides, tmp_path):
 
 def test_last_finetune_is_read_from_the_registry(cfg):
     # given a real SQLite MLflow store with a base and two fine-tune versions
-    tracking.setup(cfg)
-    assert pool.last_finetune_from_registry(cfg) is None  # no registered model yet
+    runs.setup(cfg)
+    assert registry.last_finetune_from_registry(cfg) is None  # no registered model yet
     client = mlflow.MlflowClient()
     name = cfg.mlflow.registered_model
     client.create_registered_model(name)
     source = Path(cfg.paths.build) / "model"
     source.mkdir(parents=True)
     client.create_model_version(name, str(source), tags={"kind": "base"})
-    assert pool.last_finetune_from_registry(cfg) is None  # a base is not a fine-tune
+    assert registry.last_finetune_from_registry(cfg) is None  # a base is not a fine-tune
     client.create_model_version(name, str(source), tags={"kind": "finetune", "pool.size": "40"})
     newest = client.create_model_version(name, str(source), tags={"kind": "finetune", "pool.size": "90"})
     client.create_model_version(name, str(source), tags={"kind": "base"})
     # when the last fine-tune is looked up
-    found = pool.last_finetune_from_registry(cfg)
+    found = registry.last_finetune_from_registry(cfg)
     # then it is the newest fine-tune version, with its pool size and creation time
     created = datetime.fromtimestamp(newest.creation_timestamp / 1000, UTC)
     assert found == {"version": "3", "pool_size": 90, "created": created.isoformat(timespec="seconds")}

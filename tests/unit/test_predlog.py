@@ -9,9 +9,9 @@ import pytest
 import sqlalchemy as sa
 from tests.conftest import tiny_overrides
 
-from detloop import predlog
-from detloop.config import compose
-from detloop.errors import BadInput
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
+from detloop.production import predlog
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import mlflow
 import pytest
 from tests.conftest import register_version
 
-from detloop import registry
-from detloop.cli import main
-from detloop.errors import BadInput
-from detloop.promote import promote_version, rollback
+from detloop.cli.main import main
+from detloop.core.errors import BadInput
+from detloop.core.stage import stage_dir, write_json
 from detloop.promote import run as run_promote
-from detloop.stage import stage_dir, write_json
+from detloop.tracking import registry
+from detloop.tracking.promotion import promote_version, rollback
 
 FIGURES = {"gate.regression.drop": 0.4, "gate.new_samples.detection_rate": 0.9333}
 
@@ -157,7 +157,7 @@ def test_a_passing_retrained_base_takes_base_and_production_is_untouched(registr
 
 
 def test_no_auto_production_stages_a_passing_finetune(registry_cfg, registry_overrides):
-    from detloop.config import compose
+    from detloop.core.config import compose
 
     cfg = compose([*registry_overrides, "promote.auto_production=false"])
     base = bootstrap(cfg)

@@ -12,12 +12,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from detloop.cli import main
-from detloop.config import compose
-from detloop.errors import BadInput
-from detloop.inbox import add_to_inbox
-from detloop.manifest import read_manifest, sha256_file, split_for
-from detloop.review import record_data_version, review
+from detloop.cli.main import main
+from detloop.core.config import compose
+from detloop.core.errors import BadInput
+from detloop.data.inbox import add_to_inbox
+from detloop.data.manifest import read_manifest, sha256_file, split_for
+from detloop.data.review import record_data_version, review
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CORRECTED = "1 0.5 0.5 0.3 0.2\n2 0.2 0.8 0.1 0.1\n"

@@ -15,9 +15,8 @@ import pytest
 from tests.conftest import register_version
 from tests.serving_helpers import page_bytes
 
-from detloop import registry
-from detloop.errors import BadInput
-from detloop.serve import (
+from detloop.core.errors import BadInput
+from detloop.production.serve import (
     Batcher,
     Limits,
     ModelWatcher,
@@ -28,6 +27,7 @@ from detloop.serve import (
     parse_request,
     yolo_lines,
 )
+from detloop.tracking import registry
 
 LIMITS = Limits(max_body_bytes=1 << 20, max_image_bytes=200_000, max_pixels=100_000, max_images=4, min_side=10)
 JSON = "application/json"

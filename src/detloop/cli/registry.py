@@ -1,0 +1,70 @@
+"""Commands on the MLflow Model Registry: the version table, the audit trail, promotion and rollback."""
+
+from __future__ import annotations
+
+import json
+
+from detloop.cli.common import compose_args
+
+
+def cmd_registry(args) -> int:
+    from detloop.tracking import registry, runs
+
+    cfg = compose_args(args)
+    runs.setup(cfg)
+    if args.history:
+        rows = registry.history(cfg)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print(format_move(r))
+        return 0
+    rows = registry.versions(cfg)
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    elif not rows:
+        print(f"no versions of {cfg.mlflow.registered_model} yet (run `dvc repro` or `make demo`)")
+    else:
+        print(f"registered model {cfg.mlflow.registered_model} @ {runs.tracking_uri(cfg)}")
+        print(registry.format_table(rows))
+    return 0
+
+
+def format_move(move: dict) -> str:
+    """One audit record: time, alias, from -> to, who, decision, why (and forced / interrupted marks)."""
+    target = f"v{move['to_version']}" if move["to_version"] else "-"
+    marks = "".join([" [forced]" if move.get("forced") else "",
+                     f" [{move['state']}]" if move.get("state", "done") != "done" else ""])  # fmt: skip
+    return (f"{move['time']}  {move['alias']:<10} v{move['from_version'] or '-'} -> {target}"
+            f"  by {move['who']} ({move['decision']}){marks}: {move['why']}")  # fmt: skip
+
+
+def cmd_promote(args) -> int:
+    from detloop.tracking import runs
+    from detloop.tracking.promotion import promote_version
+
+    cfg = compose_args(args)
+    runs.setup(cfg)
+    result = promote_version(cfg, args.version, reviewer=args.reviewer, reason=args.reason, force=args.force,
+                             alias=args.alias)  # fmt: skip
+    if not result["moved"]:
+        print(f"{args.alias}: v{args.version} already holds it; nothing changed")
+        return 0
+    forced = " (forced)" if result["forced"] else ""
+    print(f"{result['alias']}: v{result['from'] or '-'} -> v{result['to']}{forced} by {args.reviewer}: {args.reason}")
+    if result["alias"] == "production" and result["from"]:
+        print(f"v{result['from']} stays registered; undo with: detloop rollback --reason TEXT")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from detloop.tracking import runs
+    from detloop.tracking.promotion import rollback
+
+    cfg = compose_args(args)
+    runs.setup(cfg)
+    result = rollback(cfg, to=args.to, reviewer=args.reviewer, reason=args.reason)
+    print(f"production: v{result['from']} -> v{result['to']} (rollback) by {result['reviewer']}: {result['reason']}")
+    print(f"v{result['from']} is tagged rolled_back=true and stays registered")
+    return 0

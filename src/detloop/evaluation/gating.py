@@ -1,0 +1,194 @@
+"""Gate one candidate: measure it and its reference on the same sets with one evaluator, decide, record.
+
+The candidate and its reference (the ``production`` holder for a fine-tune, the ``base`` holder for a
+retrained base) are predicted once per set; the rules (:mod:`detloop.evaluation.gates`) decide and
+the decision is recorded on the candidate's run and version. No alias moves here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric
+from omegaconf import DictConfig
+
+from detloop.core.config import resolve_path
+from detloop.core.errors import BadInput
+from detloop.core.stage import stage_dir
+from detloop.data import pool
+from detloop.data.datasets import anchor_images, anchor_names
+from detloop.data.yolo_format import is_image_name
+from detloop.evaluation import evaluator
+from detloop.evaluation.gates import TAG_FIGURES, ab_gate, combine, figures, new_samples_gate, regression_gate, summary
+from detloop.evaluation.report import per_class_plot, report_markdown
+from detloop.model.pyfunc import model_weights
+from detloop.tracking import registry, runs
+
+log = logging.getLogger(__name__)
+
+
+def gate_sets(cfg: DictConfig) -> dict[str, list[Path]]:
+    """The sets both models are measured on: anchor test, pool holdout, pool train, A/B sample (if on)."""
+    anchor = resolve_path(cfg, "anchor")
+    sets = {
+        "anchor_test": anchor_images(anchor, "test"),
+        "pool_holdout": pool.pool_samples(cfg, "holdout"),
+        "pool_trained_on": pool.pool_samples(cfg, "train"),
+    }
+    if not sets["anchor_test"]:
+        raise BadInput("no anchor test split to gate on", [f"{anchor / 'images' / 'test'}: no images"])
+    if cfg.gate.ab.data:
+        sets["ab"] = ab_sample(cfg)
+    return sets
+
+
+def ab_sample(cfg: DictConfig) -> list[Path]:
+    """``gate.ab.size`` labelled production images drawn with ``gate.ab.seed`` from ``gate.ab.data``."""
+    folder = Path(str(cfg.gate.ab.data)).expanduser()
+    images = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p)) if folder.is_dir() else []
+    if not images:
+        raise BadInput("gate.ab.data holds no images", [f"{folder}: not a folder of labelled production images"])
+    unlabelled = [p for p in images if not evaluator.label_path(p).is_file()]
+    if unlabelled:
+        raise BadInput(f"gate.ab.data: {len(unlabelled)} image(s) without labels",
+                       [f"{p}: no label file {evaluator.label_path(p)}" for p in unlabelled[:20]])  # fmt: skip
+    size = min(int(cfg.gate.ab.size), len(images))
+    picks = np.random.default_rng(int(cfg.gate.ab.seed)).choice(len(images), size=size, replace=False)
+    return [images[i] for i in sorted(picks.tolist())]
+
+
+def measure(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path], names: dict[int, str]) -> dict:
+    """AP (COCO-style) and detection rates of one model on one set, from one prediction pass."""
+    if not images:
+        return {"images": 0, "objects": 0}
+    ev = cfg.gate.eval
+    gts = evaluator.load_ground_truth(images, num_classes=max(names) + 1)
+    started = time.perf_counter()
+    dets = evaluator.predict(weights, images, imgsz=imgsz, batch=int(ev.batch), device=ev.device,
+                             conf=float(ev.conf), iou=float(ev.iou), max_det=int(ev.max_det))  # fmt: skip
+    inference_s = time.perf_counter() - started
+    found = evaluator.evaluate_predictions(gts, dets, names, serving_conf=float(cfg.gate.new_samples.conf),
+                                           match_iou=float(cfg.gate.new_samples.iou))  # fmt: skip
+    return {
+        "images": found["images"],
+        "objects": found["objects"],
+        "map50": found["map50"],
+        "map50_95": found["map50_95"],
+        "ap50": {k: v["ap50"] for k, v in found["per_class"].items() if v["n_gt"] > 0},
+        "detection_rate": found["detection_rate"]["rate"],
+        "detection_rate_any_class": found["detection_rate_any_class"]["rate"],
+        "detection_rate_per_class": {  # in class-id order, like ap50
+            name: found["detection_rate"]["per_class"][name]["rate"]
+            for name in names.values()
+            if name in found["detection_rate"]["per_class"]
+        },
+        "timings": {"inference_s": inference_s, "metrics_s": found["timings"]["metrics_s"]},
+    }
+
+
+def reference_version(cfg: DictConfig, candidate: str, alias: str) -> str:
+    """The version to compare with: the alias holder (or, if that is the candidate, its rollback target)."""
+    name = cfg.mlflow.registered_model
+    holder = registry.alias_holder(name, alias)
+    if holder == candidate:
+        holder = registry.client().get_model_version(name, candidate).tags.get("rollback_to") or None
+    if holder is None:
+        raise BadInput(f"nothing to compare v{candidate} with: no other version holds '{alias}'",
+                       ["run the base stage first (dvc repro base)"])  # fmt: skip
+    return holder
+
+
+def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") -> dict:
+    """Evaluate ``candidate`` against the ``alias`` holder, decide, and record the decision in MLflow."""
+    runs.setup(cfg)
+    name = cfg.mlflow.registered_model
+    reference = reference_version(cfg, candidate, alias)
+    names = anchor_names(resolve_path(cfg, "anchor"))
+    sets = gate_sets(cfg)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=stage_dir(cfg, "gate")) as tmp:
+        for role, version in (("candidate", candidate), ("reference", reference)):
+            weights, config = model_weights(f"models:/{name}/{version}", Path(tmp) / role)
+            imgsz = int(config.get("imgsz", 640))
+            results[role] = {key: measure(cfg, weights, imgsz, images, names) for key, images in sets.items()}
+    cand, ref = results["candidate"], results["reference"]
+    gates = {
+        "regression": regression_gate(cfg, cand["anchor_test"], ref["anchor_test"]),
+        "new_samples": new_samples_gate(cfg, cand["pool_holdout"], ref["pool_holdout"], cand["pool_trained_on"]),
+    }
+    if "ab" in sets:
+        gates["ab"] = ab_gate(cfg, cand["ab"], ref["ab"])
+    decision = combine(gates)
+    mv = registry.client().get_model_version(name, candidate)
+    record = {
+        "skipped": False,
+        "decision": decision,
+        "candidate": {"name": name, "version": candidate, "kind": mv.tags.get("kind", ""), "run_id": mv.run_id},
+        "production": {"version": reference, "alias": alias},
+        "gates": gates,
+        "figures": figures(gates, cand, ref),
+        "sets": {key: {"images": cand[key]["images"], "objects": cand[key]["objects"]} for key in sets},
+        "summary": summary(candidate, reference, alias, decision, gates),
+        "measured": {"candidate": cand, "reference": ref},
+    }
+    _record(cfg, record)
+    log.info("%s", record["summary"])
+    return record
+
+
+def _record(cfg: DictConfig, record: dict) -> None:
+    """Version tags, metrics and the report on the candidate's run (no alias moves)."""
+    name, version = cfg.mlflow.registered_model, record["candidate"]["version"]
+    tags = {
+        "decision": record["decision"],
+        "gate.decision": record["decision"],
+        "gate.reference_version": record["production"]["version"],
+        "gate.reference_alias": record["production"]["alias"],
+        "gate.time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    tags.update({f"gate.{key}.decision": g["decision"] for key, g in record["gates"].items()})
+    tags.update({key: f"{record['figures'][key]:.4f}" for key in TAG_FIGURES if key in record["figures"]})
+    registry.set_version_tags(name, version, tags)
+    run_id = record["candidate"]["run_id"]
+    if not run_id:
+        return
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in record["figures"].items()])
+    # both models' figures under the same names, so the MLflow compare view lines them up
+    reference_run = registry.client().get_model_version(name, record["production"]["version"]).run_id
+    for role, rid in (("candidate", run_id), ("reference", reference_run)):
+        if rid:
+            found = set_metrics(record["measured"][role])
+            client.log_batch(rid, metrics=[Metric(k, v, now, int(version)) for k, v in found.items()])
+    client.set_tag(run_id, "gate.decision", record["decision"])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "gate"
+        folder.mkdir()
+        (folder / "report.md").write_text(report_markdown(record))
+        (folder / "decision.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=float))
+        per_class_plot(record, folder / "per_class.png")
+        client.log_artifacts(run_id, str(folder), artifact_path="gate")
+
+
+def set_metrics(measured: dict) -> dict[str, float]:
+    """``gate/<set>/<figure>`` metrics of one model (the same names for candidate and reference)."""
+    out = {}
+    for key, m in measured.items():
+        if not m.get("objects"):
+            continue
+        for figure in ("map50", "map50_95", "detection_rate", "detection_rate_any_class"):
+            out[f"gate/{key}/{figure}"] = m[figure]
+        out.update({f"gate/{key}/detection_rate/{cls}": v for cls, v in m["detection_rate_per_class"].items()})
+        out.update({f"gate/{key}/ap50/{cls}": v for cls, v in m["ap50"].items()})
+    return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
+
+
+def jsonable(record: dict) -> dict:
+    return json.loads(json.dumps(record, default=float, allow_nan=True))

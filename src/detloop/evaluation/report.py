@@ -1,0 +1,62 @@
+"""The gate's report: markdown for the candidate's run and a per-class plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def report_markdown(record: dict) -> str:
+    cand, ref = record["measured"]["candidate"], record["measured"]["reference"]
+    c, r = record["candidate"]["version"], record["production"]["version"]
+    lines = [f"# Gate report: v{c} vs v{r}", "", f"**Decision: {record['decision'].upper()}**", ""]
+    lines += [f"- {line}" for line in record["summary"].splitlines()[1:]] + [""]
+    lines += [f"| anchor test, AP50 per class | v{r} | v{c} |", "|---|---|---|"]
+    for cls, value in ref["anchor_test"]["ap50"].items():
+        lines.append(f"| {cls} | {value:.3f} | {cand['anchor_test']['ap50'].get(cls, float('nan')):.3f} |")
+    for key, label in (("pool_holdout", "pool holdout (never trained on)"),
+                       ("pool_trained_on", "pool train (trained on: not evidence of generalisation)")):  # fmt: skip
+        if not cand[key].get("objects"):
+            continue
+        lines += ["", f"| detection rate, {label} | v{r} | v{c} |", "|---|---|---|"]
+        lines.append(f"| all classes | {ref[key]['detection_rate']:.3f} | {cand[key]['detection_rate']:.3f} |")
+        lines.append(f"| ignoring class (diagnostic) | {ref[key]['detection_rate_any_class']:.3f} | "
+                     f"{cand[key]['detection_rate_any_class']:.3f} |")  # fmt: skip
+        for cls, value in ref[key]["detection_rate_per_class"].items():
+            theirs = cand[key]["detection_rate_per_class"].get(cls, float("nan"))
+            lines.append(f"| {cls} | {value:.3f} | {theirs:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_class_plot(record: dict, path: Path) -> None:
+    """Per-class comparison: anchor-test AP50 and pool-holdout detection rate, reference vs candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cand, ref = record["measured"]["candidate"], record["measured"]["reference"]
+    c, r = record["candidate"]["version"], record["production"]["version"]
+    threshold = float(record["gates"]["new_samples"].get("pass_above", 0.8))
+    panels = [("anchor_test", "ap50", "anchor test: AP50 (Gate 1)")]
+    if cand["pool_holdout"].get("objects"):
+        panels.append(("pool_holdout", "detection_rate_per_class", "pool holdout: detection rate (Gate 2)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False)
+    for ax, (key, field, title) in zip(axes[0], panels, strict=True):
+        classes = list(ref[key][field])
+        x = np.arange(len(classes))
+        ax.bar(x - 0.2, [ref[key][field][k] for k in classes], 0.4, label=f"v{r} (reference)", color="#9aa5b1")
+        ax.bar(x + 0.2, [cand[key][field].get(k, 0.0) for k in classes], 0.4, label=f"v{c} (candidate)",
+               color="#2f6fdb")  # fmt: skip
+        ax.set_xticks(x, classes, rotation=30, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title)
+        if key == "pool_holdout":
+            ax.axhline(threshold, color="#c0392b", linestyle="--", linewidth=1, label=f"Gate 2 pass > {threshold:.0%}")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=len(labels), frameon=False)
+    fig.suptitle(f"v{c} vs v{r}: {record['decision'].upper()}", x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,298 @@
+"""Load detloop's data sets and model predictions into persistent FiftyOne datasets.
+
+One dataset per set: ``<prefix>-anchor-train|val|test``, ``<prefix>-pool`` and ``<prefix>-inbox``,
+each sample with its ``ground_truth`` (YOLO labels; for the inbox the reporter's proposed labels in
+``reported_labels``), the detloop id and split as a tag. Model predictions go to
+``predictions_v<N>`` (a registry version) or ``predictions_<name>`` (a local weights file), as
+FiftyOne ``Detections`` with normalized top-left boxes and the model's class names; instance
+segmentation models add a mask per detection, cropped to its box (FiftyOne's convention).
+
+Writes are batched: new samples with ``add_samples`` and predictions with one ``set_values`` per
+field (keyed by file path), never a ``sample.save()`` per sample. Re-loading a set adds the new
+samples and drops those that left it (e.g. reviewed inbox reports); labels already in the dataset,
+such as a reviewer's edits, are kept. The pure converters here need neither FiftyOne's database
+nor MLflow; every function that touches FiftyOne imports it through :mod:`detloop.fiftyone.db`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from detloop.core.config import resolve_path
+from detloop.core.errors import BadInput
+from detloop.data.manifest import MANIFEST, read_manifest
+from detloop.data.yolo_format import is_image_name, label_path_for
+from detloop.fiftyone.db import import_fiftyone
+
+log = logging.getLogger(__name__)
+
+ANCHOR_SETS = ("anchor-train", "anchor-val", "anchor-test")
+SETS = (*ANCHOR_SETS, "pool", "inbox")
+GT_FIELD = "ground_truth"
+REPORTED_FIELD = "reported_labels"
+
+
+@dataclass(frozen=True)
+class SetSample:
+    """One image of a detloop set: file, detloop id, tags, label file and extra fields."""
+
+    filepath: Path
+    sample_id: str
+    tags: tuple[str, ...]
+    labels: Path | None
+    fields: dict
+
+
+# --------------------------------------------------------------------------- converters (pure)
+
+
+def yolo_to_boxes(rows: np.ndarray) -> np.ndarray:
+    """YOLO ``xc yc w h`` (normalized, centred) -> FiftyOne ``x y w h`` (normalized, top-left), a copy."""
+    boxes = np.asarray(rows, dtype=np.float64).reshape(-1, 4).copy()
+    boxes[:, 0] -= boxes[:, 2] / 2.0
+    boxes[:, 1] -= boxes[:, 3] / 2.0
+    return boxes
+
+
+def class_names(class_ids: Sequence[int] | np.ndarray, names: dict[int, str]) -> list[str]:
+    """Class ids -> names; an id the mapping lacks is named ``class_<id>`` (and logged once)."""
+    ids = [int(c) for c in np.asarray(class_ids).reshape(-1)]
+    unknown = sorted({c for c in ids if c not in names})
+    if unknown:
+        log.warning("class ids %s have no name; shown as class_<id>", unknown)
+    return [names.get(c, f"class_{c}") for c in ids]
+
+
+def read_yolo_labels(path: Path | None) -> np.ndarray:
+    """(N, 5) ``cls xc yc w h`` rows of a YOLO label file; (0, 5) when missing or empty."""
+    if path is None or not Path(path).is_file():
+        return np.zeros((0, 5))
+    rows = [line.split() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return np.array([[float(v) for v in row[:5]] for row in rows], dtype=np.float64).reshape(-1, 5)
+
+
+def crop_mask(mask: np.ndarray, box_xyxy: Sequence[float]) -> np.ndarray:
+    """The part of a full-image mask (H, W) inside a pixel xyxy box, as bool (FiftyOne's instance mask).
+
+    The box is rounded outward to whole pixels and clipped to the image; never empty (at least 1x1).
+    """
+    height, width = mask.shape[:2]
+    x0, y0 = int(np.floor(max(box_xyxy[0], 0))), int(np.floor(max(box_xyxy[1], 0)))
+    x1, y1 = int(np.ceil(min(box_xyxy[2], width))), int(np.ceil(min(box_xyxy[3], height)))
+    x0, y0 = min(x0, width - 1), min(y0, height - 1)
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+    return np.asarray(mask[y0:y1, x0:x1] > 0.5)
+
+
+def detections_from_yolo(rows: np.ndarray, names: dict[int, str]):
+    """``fo.Detections`` from YOLO label rows (``cls xc yc w h``, normalized); empty rows -> no detections."""
+    fo = import_fiftyone()
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    boxes = yolo_to_boxes(rows[:, 1:5])
+    labels = class_names(rows[:, 0].astype(np.int64), names)
+    return fo.Detections(detections=[fo.Detection(label=label, bounding_box=box.tolist())
+                                     for label, box in zip(labels, boxes, strict=True)])  # fmt: skip
+
+
+def detections_from_pixels(boxes_xyxy: np.ndarray, cls: np.ndarray, conf: np.ndarray, size: tuple[int, int],
+                           names: dict[int, str], masks: Sequence[np.ndarray] | None = None):
+    """``fo.Detections`` from a model's pixel xyxy boxes, class ids and confidences on an image of
+    ``size`` (width, height); ``masks`` (optional) are full-image masks, cropped to each box."""
+    fo = import_fiftyone()
+    width, height = size
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    rel = np.stack([boxes[:, 0] / width, boxes[:, 1] / height, (boxes[:, 2] - boxes[:, 0]) / width,
+                    (boxes[:, 3] - boxes[:, 1]) / height], axis=1)  # fmt: skip
+    labels = class_names(cls, names)
+    out = []
+    for i, (label, box, score) in enumerate(zip(labels, rel, np.asarray(conf).reshape(-1), strict=True)):
+        det = fo.Detection(label=label, bounding_box=box.tolist(), confidence=float(score))
+        if masks is not None:
+            det.mask = crop_mask(masks[i], boxes[i])
+        out.append(det)
+    return fo.Detections(detections=out)
+
+
+# --------------------------------------------------------------------------- the sets
+
+
+def dataset_name(cfg: DictConfig, set_name: str) -> str:
+    return f"{cfg.fiftyone.dataset_prefix}-{set_name}"
+
+
+def check_sets(sets: Sequence[str]) -> list[str]:
+    """The set names, validated (BadInput naming the unknown ones)."""
+    unknown = [s for s in sets if s not in SETS]
+    if unknown:
+        raise BadInput(f"unknown set(s) {unknown}", [f"fiftyone.sets: choose from {', '.join(SETS)}"])
+    return list(dict.fromkeys(sets))
+
+
+def set_samples(cfg: DictConfig, set_name: str) -> list[SetSample]:
+    """The images of a detloop set with their labels and fields, in a fixed order."""
+    if set_name in ANCHOR_SETS:
+        split = set_name.split("-", 1)[1]
+        folder = resolve_path(cfg, "anchor") / "images" / split
+        images = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p)) if folder.is_dir() else []
+        return [SetSample(p, p.stem, (split,), label_path_for(p), {}) for p in images]
+    folder = resolve_path(cfg, set_name)
+    images = {p.stem: p for p in (folder / "images").glob("*") if p.is_file() and is_image_name(p)}
+    out = []
+    for row in read_manifest(folder / MANIFEST):
+        image = images.get(row["id"])
+        if image is None:
+            log.warning("%s: no image for manifest row %s; skipped", folder / MANIFEST, row["id"])
+            continue
+        if set_name == "pool":
+            fields = {k: row.get(k) for k in ("reviewer", "verified_at", "reported_at", "source", "labels_from")}
+            out.append(SetSample(image, row["id"], (str(row.get("split", "")),), folder / "labels" / f"{row['id']}.txt",
+                                 fields))  # fmt: skip
+        else:
+            fields = {k: row.get(k) for k in ("reported_at", "source", "note")}
+            out.append(SetSample(image, row["id"], ("inbox",), folder / "labels" / f"{row['id']}.txt", fields))
+    return out
+
+
+def load_set(cfg: DictConfig, set_name: str, names: dict[int, str]):
+    """The persistent dataset of ``set_name``, created or brought up to date with the files; returns it.
+
+    New images are added with their labels (``ground_truth``; for the inbox ``reported_labels``, and
+    ``ground_truth`` starts as a copy for the reviewer to verify); samples whose image left the set
+    are deleted from the dataset. Existing samples and their labels are not touched.
+    """
+    fo = import_fiftyone()
+    from detloop.evaluation.evaluator import image_size
+
+    name = dataset_name(cfg, set_name)
+    dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
+    dataset.info.update({"detloop_set": set_name, "classes": [names[k] for k in sorted(names)]})
+    dataset.default_classes = [names[k] for k in sorted(names)]
+    dataset.save()
+    wanted = set_samples(cfg, set_name)
+    have = dict(zip(dataset.values("filepath"), dataset.values("id"), strict=True)) if len(dataset) else {}
+    keep = {str(s.filepath.absolute()) for s in wanted}
+    gone = [sample_id for path, sample_id in have.items() if path not in keep]
+    if gone:
+        dataset.delete_samples(gone)
+        log.info("%s: %d sample(s) no longer in the set removed", name, len(gone))
+    new = [s for s in wanted if str(s.filepath.absolute()) not in have]
+    batch = int(cfg.fiftyone.batch_size)
+    for start in range(0, len(new), batch):
+        dataset.add_samples([_sample(fo, s, set_name, names, image_size) for s in new[start : start + batch]],
+                            progress=False)  # fmt: skip
+    log.info("%s: %d samples (%d new)", name, len(dataset), len(new))
+    return dataset
+
+
+def _sample(fo, item: SetSample, set_name: str, names: dict[int, str], image_size):
+    width, height = image_size(item.filepath)
+    labels = detections_from_yolo(read_yolo_labels(item.labels), names)
+    sample = fo.Sample(filepath=str(item.filepath.absolute()), tags=[t for t in item.tags if t],
+                       metadata=fo.ImageMetadata(width=width, height=height), detloop_id=item.sample_id,
+                       **{k: v for k, v in item.fields.items() if v is not None})  # fmt: skip
+    if set_name == "inbox":
+        has_labels = item.labels is not None and item.labels.is_file()
+        sample[REPORTED_FIELD] = labels if has_labels else None
+        sample[GT_FIELD] = labels.copy() if has_labels else None  # filled from predictions when None
+    else:
+        sample[GT_FIELD] = labels
+    return sample
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def prediction_field(model: dict) -> str:
+    """``predictions_v<N>`` for a registry version, else ``predictions_<weights stem>``."""
+    if model.get("version"):
+        return f"predictions_v{model['version']}"
+    return "predictions_" + re.sub(r"[^0-9A-Za-z_]", "_", Path(model["weights"]).stem)
+
+
+def model_facts(weights: str | Path) -> dict:
+    """Class names, task (detect | segment) and training image size of a weights file."""
+    from detloop.model.yolo import load_model
+
+    model = load_model(weights)
+    train_args = (getattr(model, "ckpt", None) or {}).get("train_args") or {}
+    return {"names": {int(k): str(v) for k, v in model.names.items()}, "task": model.task,
+            "imgsz": int(train_args.get("imgsz") or 640)}  # fmt: skip
+
+
+def predict_images(weights: str | Path, images: Sequence[Path], predict_cfg: DictConfig, imgsz: int,
+                   task: str) -> list[tuple]:
+    """One prediction pass; per image ``(boxes_xyxy, cls, conf, masks or None)``.
+
+    Detection models go through the gate's own :func:`detloop.evaluation.evaluator.predict` with the same
+    settings (so FiftyOne's figures are the gate's); segmentation models through Ultralytics with
+    ``retina_masks`` (masks at the original image size, so the crop to the box is exact).
+    """
+    from detloop.evaluation import evaluator
+
+    args = {"imgsz": imgsz, "batch": int(predict_cfg.batch), "device": predict_cfg.device,
+            "conf": float(predict_cfg.conf), "iou": float(predict_cfg.iou), "max_det": int(predict_cfg.max_det)}
+    if task != "segment":
+        return [(d.boxes, d.cls, d.conf, None) for d in evaluator.predict(weights, images, **args)]
+    from detloop.model.yolo import load_model
+
+    model = load_model(weights)
+    batch = args.pop("batch")
+    out: list[tuple] = []
+    for start in range(0, len(images), batch):
+        chunk = [str(p) for p in images[start : start + batch]]
+        by_path = {}
+        for r in model.predict(source=chunk, stream=True, verbose=False, retina_masks=True, **args):
+            masks = r.masks.data.cpu().numpy() if r.masks is not None else np.zeros((0, 1, 1))
+            by_path[str(r.path)] = (r.boxes.xyxy.cpu().numpy(), r.boxes.cls.cpu().numpy().astype(np.int64),
+                                    r.boxes.conf.cpu().numpy(), list(masks))  # fmt: skip
+        out += [by_path[str(Path(p).absolute())] for p in chunk]
+    return out
+
+
+def add_predictions(cfg: DictConfig, dataset, model: dict, view=None) -> str:
+    """Predict with ``model`` (``{weights, version?, imgsz?}``) on the dataset (or ``view``) and store the
+    detections in its prediction field with one batched write; returns the field name."""
+    field = prediction_field(model)
+    facts = model_facts(model["weights"])
+    imgsz = int(model.get("imgsz") or facts["imgsz"])
+    samples = view if view is not None else dataset
+    paths = samples.values("filepath")
+    if not paths:
+        return field
+    sizes = zip(samples.values("metadata.width"), samples.values("metadata.height"), strict=True)
+    found = predict_images(model["weights"], [Path(p) for p in paths], cfg.fiftyone.predict, imgsz, facts["task"])
+    values = {path: detections_from_pixels(b, c, s, size, facts["names"], masks)
+              for path, (b, c, s, masks), size in zip(paths, found, sizes, strict=True)}  # fmt: skip
+    samples.set_values(field, values, key_field="filepath")
+    dataset.info.setdefault("models", {})[field] = {k: str(v) for k, v in model.items() if v is not None}
+    dataset.save()
+    log.info("%s: %s on %d samples (%s, imgsz %d)", dataset.name, field, len(paths), facts["task"], imgsz)
+    return field
+
+
+def fill_review_labels(cfg: DictConfig, dataset, pred_field: str) -> int:
+    """Inbox samples without reported labels get the model's predictions at the serving confidence as
+    the labels to verify (``fiftyone.review.label_field``); returns how many were filled."""
+    fo = import_fiftyone()
+    from fiftyone import ViewField as F  # noqa: N817
+
+    label_field = str(cfg.fiftyone.review.label_field)
+    conf = float(cfg.gate.new_samples.conf)
+    empty = dataset.exists(label_field, False).exists(pred_field)
+    if not len(empty):
+        return 0
+    proposed = empty.filter_labels(pred_field, F("confidence") >= conf, only_matches=False)
+    ids = proposed.values("id")
+    values = [fo.Detections(detections=[fo.Detection(label=d.label, bounding_box=d.bounding_box,
+                                                     confidence=d.confidence, mask=d.mask)
+                                        for d in (found.detections if found else [])])
+              for found in proposed.values(pred_field)]  # fmt: skip
+    dataset.set_values(label_field, dict(zip(ids, values, strict=True)), key_field="id")
+    return len(ids)

@@ -1,0 +1,162 @@
+"""The MLflow model contract: a pyfunc that turns images into one row per detection.
+
+Input: a table with a column ``image`` holding base64-encoded image bytes or a local file path.
+Output: one row per detection with the input row index, class id and name, confidence, the box in
+pixel xyxy and in normalized xywh. ``mlflow models serve`` and ``detloop serve`` share it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from pathlib import Path
+
+import mlflow.pyfunc
+
+log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = [
+    "row", "class_id", "class_name", "confidence",
+    "x1", "y1", "x2", "y2", "xc", "yc", "w", "h",
+]  # fmt: skip
+WEIGHTS_ARTIFACT = "weights"
+
+
+def decode_image(value, row: int):
+    """A PIL image from base64 bytes/str or a local path; errors name the row."""
+    from PIL import Image
+
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+    elif isinstance(value, str) and _is_file(value):
+        return Image.open(value).convert("RGB")
+    elif isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ValueError(f"row {row}: 'image' is neither an existing file path nor base64") from err
+    else:
+        raise ValueError(f"row {row}: 'image' must be a base64 string or a path, got {type(value).__name__}")
+    try:
+        return Image.open(io.BytesIO(raw)).convert("RGB")
+    except Exception as err:  # PIL raises several types for undecodable bytes
+        raise ValueError(f"row {row}: 'image' bytes are not a decodable image ({err})") from err
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return len(value) < 4096 and Path(value).is_file()
+    except OSError:  # e.g. a base64 string longer than a file name may be
+        return False
+
+
+def detections_table(results, names: dict[int, str]):
+    """Ultralytics results (one per input row) as the output table."""
+    import pandas as pd
+
+    rows = []
+    for index, result in enumerate(results):
+        boxes = result.boxes
+        if boxes is None or len(boxes) == 0:
+            continue
+        xyxy = boxes.xyxy.cpu().numpy()
+        xywhn = boxes.xywhn.cpu().numpy()
+        for cls, conf, b, n in zip(boxes.cls.tolist(), boxes.conf.tolist(), xyxy, xywhn, strict=True):
+            cid = int(cls)
+            rows.append([index, cid, names.get(cid, str(cid)), float(conf), *map(float, b), *map(float, n)])
+    return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+
+
+class DetectorModel(mlflow.pyfunc.PythonModel):
+    """YOLO weights behind the pyfunc interface."""
+
+    def load_context(self, context):
+        from detloop.model.yolo import ultralytics
+
+        self.model = ultralytics().YOLO(context.artifacts[WEIGHTS_ARTIFACT])
+        config = dict(context.model_config or {})
+        self.conf = float(config.get("conf", 0.25))
+        self.iou = float(config.get("iou", 0.7))
+        self.imgsz = int(config.get("imgsz", 640))
+        self.device = config.get("device") or None
+        self.names = {int(k): v for k, v in self.model.names.items()}
+
+    def predict(self, context, model_input, params=None):
+        """Detections for every row of ``model_input`` (confidence >= the model's ``conf``)."""
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "image" not in frame.columns:
+            raise ValueError(f"input needs a column 'image'; got columns {list(frame.columns)}")
+        images = [decode_image(v, i) for i, v in enumerate(frame["image"].tolist())]
+        if not images:
+            return pd.DataFrame(columns=OUTPUT_COLUMNS)
+        results = self.model.predict(
+            images,
+            conf=self.conf,
+            iou=self.iou,
+            imgsz=self.imgsz,
+            device=self.device,
+            verbose=False,
+        )
+        return detections_table(results, self.names)
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "image")])
+    kinds = ["long", "long", "string"] + ["double"] * 9
+    outputs = Schema([ColSpec(k, c) for k, c in zip(kinds, OUTPUT_COLUMNS, strict=True)])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def log_detector(weights: str | Path, model_config: dict, registered_model_name: str | None = None):
+    """Log ``weights`` as an MLflow pyfunc model in the active run; register it if a name is given.
+
+    Returns the ModelInfo (``registered_model_version`` is set when registered).
+    """
+    package = Path(__file__).resolve().parents[1]  # the whole detloop package travels with the model
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(package / "model" / "serving_model.py"),
+        input_example=input_example(),
+        artifacts={WEIGHTS_ARTIFACT: str(weights)},
+        code_paths=[str(package)],
+        signature=signature(),
+        model_config=model_config,
+        registered_model_name=registered_model_name,
+        pip_requirements=_pip_requirements(),
+    )
+
+
+def input_example():
+    """A one-row request (a blank 64x64 PNG, base64) documenting the input format."""
+    import pandas as pd
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    pkgs = ["mlflow", "ultralytics", "torch", "torchvision", "pillow", "pandas", "omegaconf", "hydra-core"]
+    return [f"{p}=={version(p)}" for p in pkgs]
+
+
+def model_weights(model_uri: str, dst: Path) -> tuple[Path, dict]:
+    """Download a registered detector; return its weights file and its model config."""
+    from mlflow.models import Model
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    weights = sorted((local / "artifacts").glob("*.pt"))
+    if not weights:
+        raise FileNotFoundError(f"{model_uri}: no .pt weights in the model's artifacts")
+    config = Model.load(str(local)).flavors.get("python_function", {}).get("config", {}) or {}
+    return weights[0], dict(config)

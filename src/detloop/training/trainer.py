@@ -1,0 +1,105 @@
+"""Train a YOLO model inside one stage run, log it and register it as a new version.
+
+Shared by the stages that train: ``base`` and ``retrain`` (from scratch) and ``finetune`` (from the base)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from detloop.core.errors import BadInput
+from detloop.core.stage import stage_dir, write_json
+from detloop.model.pyfunc import log_detector
+from detloop.model.yolo import load_model
+from detloop.tracking import registry, runs
+
+log = logging.getLogger(__name__)
+
+
+def train_and_register(
+    cfg: DictConfig,
+    model,
+    group: DictConfig,
+    stage: str,
+    data_yaml: Path,
+    *,
+    run_name: str,
+    params: dict,
+    param_groups: list[str],
+    tags: dict | None = None,
+    artifacts: dict[str, Path] | None = None,
+) -> dict:
+    """Train ``model`` with ``group.train`` on ``data_yaml`` in one MLflow run of ``stage``, log the
+    per-epoch metrics, plots and files, and register the best checkpoint with ``group.predict``'s
+    serving thresholds. Returns ``{version, run_id, final}``; aliases and version tags are the caller's.
+    """
+    experiment_id = runs.setup(cfg)  # an unreachable store fails here, before any work
+    out = stage_dir(cfg, stage)
+    train_args = OmegaConf.to_container(group.train, resolve=True)
+    with runs.stage_run(cfg, stage, experiment_id, run_name=run_name) as run:
+        run_id = run.info.run_id
+        if tags:
+            mlflow.set_tags(tags)
+        mlflow.log_params(runs.flat_params(cfg, param_groups))
+        mlflow.log_params(params)
+        for artifact_path, folder in (artifacts or {}).items():
+            mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+        runs.EpochLogger().attach(model)
+        model.train(data=str(data_yaml), project=str(out / "runs"), name=run_id, exist_ok=True, **train_args)
+        trainer = model.trainer
+        final = runs.finite_metrics(trainer.metrics or {}, prefix="final/")
+        mlflow.log_metrics(final)
+        runs.log_training_files(Path(trainer.save_dir))
+        info = log_detector(
+            trainer.best,
+            model_config={**OmegaConf.to_container(group.predict, resolve=True), "imgsz": train_args["imgsz"]},
+            registered_model_name=cfg.mlflow.registered_model,
+        )
+    return {"version": str(info.registered_model_version), "run_id": run_id, "final": final}
+
+
+def train_from_scratch(
+    cfg: DictConfig, group: DictConfig, stage: str, data_yaml: Path, params: dict, run_name: str
+) -> dict:
+    """Train ``group.model`` from its architecture (or a local ``.pt``) on ``data_yaml`` and register it.
+
+    Used by the ``base`` stage (anchor only) and the ``retrain`` stage (anchor + pool).
+    """
+    model = load_model(group.model)  # refuses a .pt that would need a download
+    runs.setup(cfg)  # an unreachable store fails here, before any work
+    return train_and_register(
+        cfg, model, group, stage, data_yaml, run_name=run_name, params=params, param_groups=[stage]
+    )
+
+
+def write_result(cfg: DictConfig, stage: str, trained: dict, lineage: dict) -> dict:
+    """``build/<stage>/{model,metrics,lineage}.json``; returns the registry coordinates and metrics."""
+    out = stage_dir(cfg, stage)
+    name, version = cfg.mlflow.registered_model, trained["version"]
+    result = {"name": name, "version": version, "run_id": trained["run_id"], "model_uri": f"models:/{name}/{version}"}
+    write_json(out / "model.json", result)
+    write_json(out / "metrics.json", trained["final"])
+    write_json(out / "lineage.json", lineage)
+    log.info("registered %s version %s (run %s)", name, version, trained["run_id"])
+    objective = trained["final"].get(runs.metric_name("final/metrics/mAP50(B)"))
+    return {**result, "metrics": trained["final"], "objective": objective}
+
+
+def starting_version(cfg: DictConfig) -> str:
+    """The version to fine-tune from: pinned or the ``base`` alias; never a fine-tuned version."""
+    name = cfg.mlflow.registered_model
+    pinned = cfg.finetune.base_version
+    version = str(pinned) if pinned is not None else registry.alias_holder(name, "base")
+    if version is None:
+        raise BadInput(f"no version of {name} holds the alias 'base'", ["run the base stage first (dvc repro base)"])
+    kind = registry.client().get_model_version(name, version).tags.get("kind")
+    if kind != "base":
+        raise BadInput(
+            f"refusing to fine-tune from version {version} (kind={kind}): never chain fine-tunes",
+            [f"finetune.base_version={pinned}: fine-tunes always start from a base model; "
+             "leave it null to use the 'base' alias"],
+        )  # fmt: skip
+    return version
