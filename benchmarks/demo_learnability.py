@@ -34,11 +34,36 @@ from detloop.data.demo import CLASSES, write_demo_data
 from detloop.data.manifest import read_manifest
 from detloop.evaluation.metrics import found_objects
 
-BASE_TRAIN = dict(epochs=30, imgsz=160, batch=16, optimizer="SGD", lr0=0.01, seed=0, deterministic=True,
-                  workers=0, device="cpu", plots=False, verbose=False)
-FINETUNE_TRAIN = dict(epochs=10, imgsz=160, batch=16, optimizer="SGD", lr0=0.001, freeze=10, warmup_epochs=1,
-                      warmup_bias_lr=0.001, cos_lr=True, seed=0, deterministic=True, workers=0, device="cpu",
-                      plots=False, verbose=False)
+BASE_TRAIN = dict(
+    epochs=30,
+    imgsz=160,
+    batch=16,
+    optimizer="SGD",
+    lr0=0.01,
+    seed=0,
+    deterministic=True,
+    workers=0,
+    device="cpu",
+    plots=False,
+    verbose=False,
+)
+FINETUNE_TRAIN = dict(
+    epochs=10,
+    imgsz=160,
+    batch=16,
+    optimizer="SGD",
+    lr0=0.001,
+    freeze=10,
+    warmup_epochs=1,
+    warmup_bias_lr=0.001,
+    cos_lr=True,
+    seed=0,
+    deterministic=True,
+    workers=0,
+    device="cpu",
+    plots=False,
+    verbose=False,
+)
 IOU_MATCH = 0.5
 CONF_MATCH = 0.25
 
@@ -46,11 +71,18 @@ log = logging.getLogger("demo_learnability")
 
 
 # ------------------------------------------------------------------------------------------ matching
-def match_image(gt_cls: np.ndarray, gt_box: np.ndarray, pred_cls: np.ndarray, pred_box: np.ndarray,
-                pred_conf: np.ndarray, class_aware: bool = True) -> np.ndarray:
+def match_image(
+    gt_cls: np.ndarray,
+    gt_box: np.ndarray,
+    pred_cls: np.ndarray,
+    pred_box: np.ndarray,
+    pred_conf: np.ndarray,
+    class_aware: bool = True,
+) -> np.ndarray:
     """Which ground-truth objects are found (detloop's one-to-one matcher at IoU >= 0.5)."""
-    return found_objects(gt_box, gt_cls, pred_box, pred_cls, pred_conf, iou=IOU_MATCH, conf=0.0,
-                         class_aware=class_aware)
+    return found_objects(
+        gt_box, gt_cls, pred_box, pred_cls, pred_conf, iou=IOU_MATCH, conf=0.0, class_aware=class_aware
+    )
 
 
 def label_path(image: Path) -> Path:
@@ -72,22 +104,25 @@ def detection_rate(model, images: list[Path], imgsz: int = 160, class_aware: boo
     found = np.zeros(len(CLASSES), dtype=int)
     total = np.zeros(len(CLASSES), dtype=int)
     for start in range(0, len(images), 32):
-        batch = images[start:start + 32]
-        results = model.predict([str(p) for p in batch], imgsz=imgsz, conf=CONF_MATCH, device="cpu",
-                                verbose=False)
+        batch = images[start : start + 32]
+        results = model.predict([str(p) for p in batch], imgsz=imgsz, conf=CONF_MATCH, device="cpu", verbose=False)
         for image, result in zip(batch, results, strict=True):
             height, width = result.orig_shape
             label = label_path(image)
             gt_cls, gt_box = read_yolo_labels(label, width, height)
             boxes = result.boxes
-            hit = match_image(gt_cls, gt_box, boxes.cls.numpy().astype(int), boxes.xyxy.numpy(),
-                              boxes.conf.numpy(), class_aware)
+            hit = match_image(
+                gt_cls, gt_box, boxes.cls.numpy().astype(int), boxes.xyxy.numpy(), boxes.conf.numpy(), class_aware
+            )
             np.add.at(total, gt_cls, 1)
             np.add.at(found, gt_cls[hit], 1)
-    per_class = {name: round(float(f / t), 3) if t else None
-                 for name, f, t in zip(CLASSES, found, total, strict=True)}
-    return {"overall": round(float(found.sum() / max(total.sum(), 1)), 3), "per_class": per_class,
-            "objects": int(total.sum()), "images": len(images)}
+    per_class = {name: round(float(f / t), 3) if t else None for name, f, t in zip(CLASSES, found, total, strict=True)}
+    return {
+        "overall": round(float(found.sum() / max(total.sum(), 1)), 3),
+        "per_class": per_class,
+        "objects": int(total.sum()),
+        "images": len(images),
+    }
 
 
 # -------------------------------------------------------------------------------------------- steps
@@ -99,14 +134,25 @@ def write_yaml(path: Path, root: Path, train: str, val: str, test: str | None = 
 
 
 def anchor_map50(model, data_yaml: Path, project: Path) -> float:
-    metrics = model.val(data=str(data_yaml), split="test", imgsz=160, batch=16, device="cpu", plots=False,
-                        project=str(project), name="val", exist_ok=True, verbose=False)
+    metrics = model.val(
+        data=str(data_yaml),
+        split="test",
+        imgsz=160,
+        batch=16,
+        device="cpu",
+        plots=False,
+        project=str(project),
+        name="val",
+        exist_ok=True,
+        verbose=False,
+    )
     return round(float(metrics.box.map50), 4)
 
 
 def per_class_map50(metrics) -> dict:
-    return {CLASSES[int(c)]: round(float(v), 3) for c, v in zip(metrics.box.ap_class_index,
-                                                                metrics.box.ap50, strict=True)}
+    return {
+        CLASSES[int(c)]: round(float(v), 3) for c, v in zip(metrics.box.ap_class_index, metrics.box.ap50, strict=True)
+    }
 
 
 def mix_lists(data: Path, work: Path, replay: int, seed: int = 0) -> tuple[Path, Path, list[Path]]:
@@ -134,12 +180,21 @@ def prepare_data(work: Path, overrides: list[str]) -> tuple[DictConfig, Path, di
     """Write the demo data (config ``overrides`` applied) into ``work/data``; returns the config
     pointing at it, the data folder and the generation summary (with ``generate_s``)."""
     data = work / "data"
-    cfg = compose([f"paths.data={data}", f"paths.anchor={data}/anchor", f"paths.pool={data}/pool",
-                   f"paths.inbox={data}/inbox", *overrides])
+    cfg = compose(
+        [
+            f"paths.data={data}",
+            f"paths.anchor={data}/anchor",
+            f"paths.pool={data}/pool",
+            f"paths.inbox={data}/inbox",
+            *overrides,
+        ]
+    )
     started = time.perf_counter()
     summary = write_demo_data(cfg)
-    generated = {"generate_s": round(time.perf_counter() - started, 1),
-                 "data": {k: summary[k] for k in ("anchor", "pool", "inbox", "files", "bytes", "changed")}}
+    generated = {
+        "generate_s": round(time.perf_counter() - started, 1),
+        "data": {k: summary[k] for k in ("anchor", "pool", "inbox", "files", "bytes", "changed")},
+    }
     log.info("demo data: %s", json.dumps(generated["data"]))
     return cfg, data, generated
 
@@ -151,14 +206,14 @@ def train_base(anchor_yaml: Path, runs: Path, epochs: int = BASE_TRAIN["epochs"]
 
     started = time.perf_counter()
     model = YOLO("yolov8n.yaml")
-    model.train(data=str(anchor_yaml), **{**BASE_TRAIN, "epochs": epochs}, project=str(runs), name="base",
-                exist_ok=True)
+    model.train(
+        data=str(anchor_yaml), **{**BASE_TRAIN, "epochs": epochs}, project=str(runs), name="base", exist_ok=True
+    )
     return runs / "base" / "weights" / "best.pt", round(time.perf_counter() - started, 1)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None, help="work folder (default: a new temp dir)")
     parser.add_argument("--epochs", type=int, default=BASE_TRAIN["epochs"], help="base training epochs")
     parser.add_argument("--base", type=Path, default=None, help="reuse this base best.pt (skip training)")
@@ -179,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     _, data, generated = prepare_data(work, args.overrides)
     report.update(generated)
 
-    anchor_yaml = write_yaml(work / "anchor.yaml", data / "anchor", "images/train", "images/val",
-                             "images/test")
+    anchor_yaml = write_yaml(work / "anchor.yaml", data / "anchor", "images/train", "images/val", "images/test")
     runs = work / "runs"
     if args.base:
         best = args.base
@@ -188,18 +242,28 @@ def main(argv: list[str] | None = None) -> dict:
         best, report["base_train_s"] = train_base(anchor_yaml, runs, args.epochs)
     base = YOLO(str(best))
     started = time.perf_counter()
-    metrics = base.val(data=str(anchor_yaml), split="test", imgsz=160, batch=16, device="cpu", plots=False,
-                       project=str(runs), name="base-test", exist_ok=True, verbose=False)
+    metrics = base.val(
+        data=str(anchor_yaml),
+        split="test",
+        imgsz=160,
+        batch=16,
+        device="cpu",
+        plots=False,
+        project=str(runs),
+        name="base-test",
+        exist_ok=True,
+        verbose=False,
+    )
     report["base_anchor_test_map50"] = round(float(metrics.box.map50), 4)
     report["base_anchor_test_map50_per_class"] = per_class_map50(metrics)
     report["val_s"] = round(time.perf_counter() - started, 1)
-    failures = [*sorted((data / "pool" / "images").glob("*.jpg")),
-                *sorted((data / "inbox" / "images").glob("*.jpg"))]
+    failures = [*sorted((data / "pool" / "images").glob("*.jpg")), *sorted((data / "inbox" / "images").glob("*.jpg"))]
     started = time.perf_counter()
     report["base_failure_detection"] = detection_rate(base, failures)
     report["predict_failures_s"] = round(time.perf_counter() - started, 1)
     report["base_anchor_test_detection"] = detection_rate(
-        base, sorted((data / "anchor" / "images" / "test").glob("*.jpg")))
+        base, sorted((data / "anchor" / "images" / "test").glob("*.jpg"))
+    )
     log.info("base: %s", json.dumps(report))
 
     if args.finetune:
@@ -212,14 +276,22 @@ def main(argv: list[str] | None = None) -> dict:
         report["finetune_train_s"] = round(time.perf_counter() - started, 1)
         report["finetune_train_images"] = len(train_txt.read_text(encoding="utf-8").splitlines())
         tuned = YOLO(str(runs / "finetune" / "weights" / "best.pt"))
-        metrics = tuned.val(data=str(anchor_yaml), split="test", imgsz=160, batch=16, device="cpu",
-                            plots=False, project=str(runs), name="finetune-test", exist_ok=True,
-                            verbose=False)
+        metrics = tuned.val(
+            data=str(anchor_yaml),
+            split="test",
+            imgsz=160,
+            batch=16,
+            device="cpu",
+            plots=False,
+            project=str(runs),
+            name="finetune-test",
+            exist_ok=True,
+            verbose=False,
+        )
         report["finetune_anchor_test_map50"] = round(float(metrics.box.map50), 4)
         report["finetune_anchor_test_map50_per_class"] = per_class_map50(metrics)
         report["finetune_pool_holdout_detection"] = detection_rate(tuned, holdout)
-        report["finetune_inbox_detection"] = detection_rate(
-            tuned, sorted((data / "inbox" / "images").glob("*.jpg")))
+        report["finetune_inbox_detection"] = detection_rate(tuned, sorted((data / "inbox" / "images").glob("*.jpg")))
 
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report, indent=2))

@@ -70,8 +70,15 @@ def detection_on(cfg, model_uri: str, images: list[Path]) -> dict:
         w, h = Image.open(path).size
         gt_boxes, gt_cls = yolo_labels_xyxy(path.parent.parent / "labels" / f"{path.stem}.txt", w, h)
         p = preds[preds["row"] == i]
-        samples.append((gt_boxes, gt_cls, p[["x1", "y1", "x2", "y2"]].to_numpy(), p["class_id"].to_numpy(),
-                        p["confidence"].to_numpy()))  # fmt: skip
+        samples.append(
+            (
+                gt_boxes,
+                gt_cls,
+                p[["x1", "y1", "x2", "y2"]].to_numpy(),
+                p["class_id"].to_numpy(),
+                p["confidence"].to_numpy(),
+            )
+        )
     aware = detection_rate(samples, names, conf=0.0).as_dict()  # predictions are already at serving conf
     agnostic = detection_rate(samples, names, conf=0.0, class_aware=False).as_dict()
     return {"images": len(images), "class_aware": aware, "class_agnostic_rate": agnostic["rate"]}
@@ -97,11 +104,15 @@ def finetune_figures(cfg) -> dict | None:
     return {
         "version": model["version"],
         "base_version": model["base_version"],
-        "anchor_test_map50": {"base": evaluate_model(cfg, base_uri)["map50"],
-                              "finetune": evaluate_model(cfg, model["model_uri"])["map50"]},
-        "pool_holdout_detection": {"base": detection_on(cfg, base_uri, holdout),
-                                   "finetune": detection_on(cfg, model["model_uri"], holdout)},
-    }  # fmt: skip
+        "anchor_test_map50": {
+            "base": evaluate_model(cfg, base_uri)["map50"],
+            "finetune": evaluate_model(cfg, model["model_uri"])["map50"],
+        },
+        "pool_holdout_detection": {
+            "base": detection_on(cfg, base_uri, holdout),
+            "finetune": detection_on(cfg, model["model_uri"], holdout),
+        },
+    }
 
 
 def main() -> None:

@@ -100,23 +100,35 @@ def main() -> int:  # noqa: PLR0915  (one drill, step by step)
                 continue
             versions.add(answer.json()["model_version"])
             boxes += len(answer.json()["predictions"])
-        result["scored"] = {"pages": len(pages), "detections": boxes, "versions": sorted(versions),
-                            "p50_ms": round(statistics.median(latencies), 1),
-                            "p95_ms": round(statistics.quantiles(latencies, n=20)[18], 1)}  # fmt: skip
+        result["scored"] = {
+            "pages": len(pages),
+            "detections": boxes,
+            "versions": sorted(versions),
+            "p50_ms": round(statistics.median(latencies), 1),
+            "p95_ms": round(statistics.quantiles(latencies, n=20)[18], 1),
+        }
         if versions != {production} or boxes == 0:
             failures.append(f"answers came from versions {sorted(versions)} with {boxes} boxes")
-        bad = requests.post(f"{url}/invocations", data=b"not an image", headers={"Content-Type": "image/jpeg"},
-                            timeout=30)  # fmt: skip
+        bad = requests.post(
+            f"{url}/invocations", data=b"not an image", headers={"Content-Type": "image/jpeg"}, timeout=30
+        )
         result["bad_input"] = {"status": bad.status_code, "error": bad.json().get("error", "")[:200]}
         if not 400 <= bad.status_code < 500 or requests.get(f"{url}/health", timeout=10).status_code != 200:
             failures.append(f"a non-image body got HTTP {bad.status_code} or the server stopped answering")
         # a user reports a failure
-        report = requests.post(f"{url}/report?note=title+missed", data=unseen_page(pages[0]),
-                               headers={"Content-Type": "image/jpeg"}, timeout=60)  # fmt: skip
+        report = requests.post(
+            f"{url}/report?note=title+missed",
+            data=unseen_page(pages[0]),
+            headers={"Content-Type": "image/jpeg"},
+            timeout=60,
+        )
         inbox = {r["id"]: r for r in read_manifest(resolve_path(drill_cfg, "inbox") / "manifest.jsonl")}
         reported = report.json().get("id") if report.status_code == 201 else None
-        result["report"] = {"status": report.status_code, "id": reported,
-                            "proposed_labels": report.json().get("proposed_labels")}  # fmt: skip
+        result["report"] = {
+            "status": report.status_code,
+            "id": reported,
+            "proposed_labels": report.json().get("proposed_labels"),
+        }
         if reported not in inbox or inbox[reported].get("note") != "title missed":
             failures.append(f"the report (HTTP {report.status_code}) is not in the inbox: {report.text[:200]}")
         # a rollback is served without a restart, then production is given back
@@ -125,8 +137,9 @@ def main() -> int:  # noqa: PLR0915  (one drill, step by step)
         swapped = time.perf_counter()
         wait_for(url, proc, previous, 120)
         result["rollback"] = {"to": previous, "served_after_s": round(time.perf_counter() - swapped, 1)}
-        served = requests.post(f"{url}/invocations", data=pages[1].read_bytes(),
-                               headers={"Content-Type": "image/jpeg"}, timeout=60).json()  # fmt: skip
+        served = requests.post(
+            f"{url}/invocations", data=pages[1].read_bytes(), headers={"Content-Type": "image/jpeg"}, timeout=60
+        ).json()
         if done.returncode != 0 or previous == production or served.get("model_version") != previous:
             failures.append(f"rollback (exit {done.returncode}) to v{previous} was not served: {served}")
         done = cli("promote", production, "--reviewer", "drill", "--reason", "serving drill over")
@@ -134,8 +147,9 @@ def main() -> int:  # noqa: PLR0915  (one drill, step by step)
         if done.returncode != 0:
             failures.append(f"detloop promote {production} failed: {done.stderr[-500:]}")
         # the monitor over what was served (exit 0: no alert, 1: alerts; anything else is a failure)
-        monitor = cli("monitor", "--window-days", "1", *overrides, "monitor.min_images=1",
-                      "monitor.baseline.min_images=1")  # fmt: skip
+        monitor = cli(
+            "monitor", "--window-days", "1", *overrides, "monitor.min_images=1", "monitor.baseline.min_images=1"
+        )
         result["monitor"] = {"exit": monitor.returncode, "output": monitor.stdout.strip().splitlines()[-6:]}
         if monitor.returncode not in (0, 1):
             failures.append(f"detloop monitor exited {monitor.returncode}: {monitor.stderr[-500:]}")
@@ -152,6 +166,7 @@ def main() -> int:  # noqa: PLR0915  (one drill, step by step)
     if result["logged_rows"] < expected:
         failures.append(f"the prediction log holds {result['logged_rows']} rows, expected at least {expected}")
     return drill_finish(cfg, "demo_serve", result, failures, args.check)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,8 +48,9 @@ def write_split(root: Path, n: int, objects: int, rng: np.random.Generator) -> l
     images, labels = root / "anchor/images/test", root / "anchor/labels/test"
     images.mkdir(parents=True)
     labels.mkdir(parents=True)
-    (root / "anchor/data.yaml").write_text("path: .\ntrain: images/test\nval: images/test\ntest: images/test\n"
-                                           f"names: {json.dumps(NAMES)}\n")  # fmt: skip
+    (root / "anchor/data.yaml").write_text(
+        f"path: .\ntrain: images/test\nval: images/test\ntest: images/test\nnames: {json.dumps(NAMES)}\n"
+    )
     rows = []
     for i in range(n):
         page = Image.new("L", (WIDTH, HEIGHT), 235)
@@ -58,11 +59,13 @@ def write_split(root: Path, n: int, objects: int, rng: np.random.Generator) -> l
         xy = rng.uniform(0, 1, (objects, 2)) * (1 - wh) + wh / 2
         row = np.column_stack([rng.integers(0, len(NAMES), objects), xy, wh])
         for _, xc, yc, w, h in row:
-            draw.rectangle([(xc - w / 2) * WIDTH, (yc - h / 2) * HEIGHT, (xc + w / 2) * WIDTH, (yc + h / 2) * HEIGHT],
-                           outline=40)  # fmt: skip
+            draw.rectangle(
+                [(xc - w / 2) * WIDTH, (yc - h / 2) * HEIGHT, (xc + w / 2) * WIDTH, (yc + h / 2) * HEIGHT], outline=40
+            )
         page.save(images / f"page{i:05d}.jpg", quality=80)
-        (labels / f"page{i:05d}.txt").write_text("".join(f"{int(c)} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n"
-                                                         for c, x, y, w, h in row))  # fmt: skip
+        (labels / f"page{i:05d}.txt").write_text(
+            "".join(f"{int(c)} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in row)
+        )
         rows.append(row)
     return rows
 
@@ -102,9 +105,16 @@ def main() -> int:
             record = measure(root, server.uri, rows, rng, args)
         finally:
             stop_mongod(server)
-    record.update({"write_images_s": round(write_s, 2), "loadavg_before": load_before,
-                   "loadavg_after": os.getloadavg(), "cpu_count": os.cpu_count(), "fiftyone": fo.__version__,
-                   "python": sys.version.split()[0]})  # fmt: skip
+    record.update(
+        {
+            "write_images_s": round(write_s, 2),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "cpu_count": os.cpu_count(),
+            "fiftyone": fo.__version__,
+            "python": sys.version.split()[0],
+        }
+    )
     out = project_root() / "build" / "benchmarks" / "fiftyone_load.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
@@ -113,8 +123,14 @@ def main() -> int:
 
 
 def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generator, args) -> dict:
-    cfg = compose([f"paths.data={root / 'data'}", f"paths.build={root / 'build'}", f"fiftyone.database.uri={uri}",
-                   "fiftyone.dataset_prefix=bench"])  # fmt: skip
+    cfg = compose(
+        [
+            f"paths.data={root / 'data'}",
+            f"paths.build={root / 'build'}",
+            f"fiftyone.database.uri={uri}",
+            "fiftyone.dataset_prefix=bench",
+        ]
+    )
     from detloop.fiftyone.db import connect
 
     connect(cfg)
@@ -124,8 +140,10 @@ def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generat
     paths = dataset.values("filepath")
     dets = predictions(rows, rng)  # rows are in file-name order, as the dataset's samples
     started = time.perf_counter()
-    values = {p: fo_load.detections_from_pixels(d.boxes, d.cls, d.conf, (WIDTH, HEIGHT), NAMES)
-              for p, d in zip(paths, dets, strict=True)}  # fmt: skip
+    values = {
+        p: fo_load.detections_from_pixels(d.boxes, d.cls, d.conf, (WIDTH, HEIGHT), NAMES)
+        for p, d in zip(paths, dets, strict=True)
+    }
     convert_s = time.perf_counter() - started
     started = time.perf_counter()
     dataset.set_values("predictions_bench", values, key_field="filepath")
@@ -140,15 +158,22 @@ def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generat
     gate_s = time.perf_counter() - started
     n = len(dataset)
     return {
-        "samples": n, "objects": int(sum(len(r) for r in rows)), "predictions": int(sum(len(d.cls) for d in dets)),
-        "load_set_s": round(load_s, 2), "load_samples_per_s": round(n / load_s, 1),
-        "convert_predictions_s": round(convert_s, 2), "set_values_predictions_s": round(set_values_s, 2),
+        "samples": n,
+        "objects": int(sum(len(r) for r in rows)),
+        "predictions": int(sum(len(d.cls) for d in dets)),
+        "load_set_s": round(load_s, 2),
+        "load_samples_per_s": round(n / load_s, 1),
+        "convert_predictions_s": round(convert_s, 2),
+        "set_values_predictions_s": round(set_values_s, 2),
         "load_with_predictions_s": round(load_s + convert_s + set_values_s, 2),
-        "evaluate_detections_s": round(evaluate_s, 2), "evaluate_samples_per_s": round(n / evaluate_s, 1),
-        "fiftyone_map50": round(figures["map50"], 6), "fiftyone_map50_95": round(figures["map50_95"], 6),
-        "gate_map50": round(gate["map50"], 6), "gate_map50_95": round(gate["map50_95"], 6),
+        "evaluate_detections_s": round(evaluate_s, 2),
+        "evaluate_samples_per_s": round(n / evaluate_s, 1),
+        "fiftyone_map50": round(figures["map50"], 6),
+        "fiftyone_map50_95": round(figures["map50_95"], 6),
+        "gate_map50": round(gate["map50"], 6),
+        "gate_map50_95": round(gate["map50_95"], 6),
         "gate_coco_map_s": round(gate_s, 3),
-    }  # fmt: skip
+    }
 
 
 if __name__ == "__main__":

@@ -59,8 +59,10 @@ def main() -> None:
         cfg = compose(["experiment=tiny", f"paths.data={base / 'data'}", f"paths.build={base / 'build'}"])
         write_demo_data(cfg)
         make_batch(base / "batch", args.n, (args.width, args.height))
-        print(f"batch: {args.n} JPEGs of {args.width}x{args.height} px, "
-              f"{sum(p.stat().st_size for p in (base / 'batch/images').iterdir()) / 1e6:.1f} MB")
+        print(
+            f"batch: {args.n} JPEGs of {args.width}x{args.height} px, "
+            f"{sum(p.stat().st_size for p in (base / 'batch/images').iterdir()) / 1e6:.1f} MB"
+        )
         result = timed("inbox add (all accepted)", args.n, lambda: add_to_inbox(base / "batch", cfg))
         assert result["counts"]["accepted"] == args.n, result["refused"][:3]
         result = timed("inbox add again (all refused as duplicates)", args.n, lambda: add_to_inbox(base / "batch", cfg))

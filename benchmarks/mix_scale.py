@@ -114,9 +114,18 @@ def write_data(cfg, counts: dict[str, int]) -> None:
     ids = [f"report-{i:05d}" for i in range(counts["pool"])]
     hashes = write_samples(pool_dir, "pool", ids)
     fractions = dict(cfg.pool.split)
-    rows = [{"id": i, "sha256": h, "source": "bench", "reported_at": "2025-01-06T13:55:11Z", "reviewer": "bench",
-             "verified_at": "2025-01-07T09:00:00Z", "split": split_for(i, fractions)}
-            for i, h in zip(ids, hashes, strict=True)]  # fmt: skip
+    rows = [
+        {
+            "id": i,
+            "sha256": h,
+            "source": "bench",
+            "reported_at": "2025-01-06T13:55:11Z",
+            "reviewer": "bench",
+            "verified_at": "2025-01-07T09:00:00Z",
+            "split": split_for(i, fractions),
+        }
+        for i, h in zip(ids, hashes, strict=True)
+    ]
     (pool_dir / "manifest.jsonl").write_text("".join(manifest_line(r) for r in rows))
     pool.check_reviewed(cfg)  # the pool is one the stage accepts
 
@@ -175,8 +184,13 @@ def time_detloop(cfg, repeats: int) -> dict:
         seconds, _ = timed(lambda: stage_without_mlflow(cfg))
         stage.append(round(seconds, 3))
     train_txt = resolve_path(cfg, "build") / "mix" / "train.txt"
-    return {"build_mix_s": build, "stage_without_mlflow_s": stage, "load": loads, "mix": mix,
-            "train_txt_kb": round(train_txt.stat().st_size / 1e3, 1)}  # fmt: skip
+    return {
+        "build_mix_s": build,
+        "stage_without_mlflow_s": stage,
+        "load": loads,
+        "mix": mix,
+        "train_txt_kb": round(train_txt.stat().st_size / 1e3, 1),
+    }
 
 
 def time_cli(overrides: list[str], workdir: Path, runs: int) -> list[dict]:
@@ -229,16 +243,27 @@ def fiftyone_child(params: dict) -> dict:
         views = {"train": dataset.select(train_ids), "val": dataset.select(val_ids)}
         t2 = time.perf_counter()
         for split, view in views.items():
-            view.export(export_dir=str(export_dir), dataset_type=fo.types.YOLOv5Dataset, label_field="ground_truth",
-                        classes=list(CLASSES), split=split)  # fmt: skip
+            view.export(
+                export_dir=str(export_dir),
+                dataset_type=fo.types.YOLOv5Dataset,
+                label_field="ground_truth",
+                classes=list(CLASSES),
+                split=split,
+            )
         t3 = time.perf_counter()
         samples = len(dataset)
         dataset.delete()
-        row |= {"import_s": round(t1 - t0, 2), "selection_s": round(t2 - t1, 2), "export_s": round(t3 - t2, 2),
-                "total_s": round(t3 - t0, 2), "cleanup_s": round(time.perf_counter() - t3, 2),
-                "samples_imported": samples, "export_mb": folder_mb(export_dir),
-                "exported_train": len(list((export_dir / "images/train").iterdir())),
-                "exported_val": len(list((export_dir / "images/val").iterdir()))}  # fmt: skip
+        row |= {
+            "import_s": round(t1 - t0, 2),
+            "selection_s": round(t2 - t1, 2),
+            "export_s": round(t3 - t2, 2),
+            "total_s": round(t3 - t0, 2),
+            "cleanup_s": round(time.perf_counter() - t3, 2),
+            "samples_imported": samples,
+            "export_mb": folder_mb(export_dir),
+            "exported_train": len(list((export_dir / "images/train").iterdir())),
+            "exported_val": len(list((export_dir / "images/val").iterdir())),
+        }
         runs.append(row)
     return {"fiftyone_version": fo.__version__, "startup": startup, "runs": runs}
 
@@ -258,15 +283,31 @@ def time_fiftyone(params: dict, workdir: Path) -> dict:
     before = load_average()
     start = time.perf_counter()
     mongod = subprocess.Popen(
-        [str(bundled_mongod()), "--dbpath", str(db), "--logpath", str(db / "log" / "mongo.log"),
-         "--port", str(port), "--bind_ip", "127.0.0.1", "--nounixsocket"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(bundled_mongod()),
+            "--dbpath",
+            str(db),
+            "--logpath",
+            str(db / "log" / "mongo.log"),
+            "--port",
+            str(port),
+            "--bind_ip",
+            "127.0.0.1",
+            "--nounixsocket",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port(port, mongod)
         mongod_start = time.perf_counter() - start
-        env = {**os.environ, "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{port}", "FIFTYONE_DO_NOT_TRACK": "true",
-               "FIFTYONE_SHOW_PROGRESS_BARS": "false", "FIFTYONE_DATABASE_VALIDATION": "false"}  # fmt: skip
+        env = {
+            **os.environ,
+            "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{port}",
+            "FIFTYONE_DO_NOT_TRACK": "true",
+            "FIFTYONE_SHOW_PROGRESS_BARS": "false",
+            "FIFTYONE_DATABASE_VALIDATION": "false",
+        }
         result = workdir / "fiftyone" / "result.json"
         cmd = [sys.executable, __file__, "--fiftyone-child", str(workdir / "fiftyone" / "params.json"), str(result)]
         subprocess.run(cmd, check=True, env=env)
@@ -307,20 +348,34 @@ def span(values: list[float], unit: str = "s") -> str:
 def print_table(report: dict) -> None:
     d, m = report["detloop"], report["detloop"]["mix"]
     rows = [
-        (f"detloop build_mix ({m['new_train']} new + {m['old_train']} replayed, {len(d['build_mix_s'])} runs)",
-         span(d["build_mix_s"])),
-        ("detloop stage work without MLflow (review check, trigger, retrain check, writing the lists)",
-         span(d["stage_without_mlflow_s"])),
-    ]  # fmt: skip
-    rows += [(f"python -m detloop.mix end to end ({c['mlflow_store']} MLflow store)", f"{c['seconds']:.2f} s")
-             for c in report["cli"]]  # fmt: skip
+        (
+            f"detloop build_mix ({m['new_train']} new + {m['old_train']} replayed, {len(d['build_mix_s'])} runs)",
+            span(d["build_mix_s"]),
+        ),
+        (
+            "detloop stage work without MLflow (review check, trigger, retrain check, writing the lists)",
+            span(d["stage_without_mlflow_s"]),
+        ),
+    ]
+    rows += [
+        (f"python -m detloop.mix end to end ({c['mlflow_store']} MLflow store)", f"{c['seconds']:.2f} s")
+        for c in report["cli"]
+    ]
     fo_report = report.get("fiftyone")
     if fo_report:
         s = fo_report["startup"]
-        rows.append(("FiftyOne start-up: start MongoDB + import fiftyone + connect",
-                     f"{s['mongod_start_s']:.2f} + {s['import_fiftyone_s']:.2f} + {s['connect_s']:.2f} s"))  # fmt: skip
-        for key, label in (("import_s", "import"), ("selection_s", "selection"), ("export_s", "export"),
-                           ("total_s", "total (without start-up)")):  # fmt: skip
+        rows.append(
+            (
+                "FiftyOne start-up: start MongoDB + import fiftyone + connect",
+                f"{s['mongod_start_s']:.2f} + {s['import_fiftyone_s']:.2f} + {s['connect_s']:.2f} s",
+            )
+        )
+        for key, label in (
+            ("import_s", "import"),
+            ("selection_s", "selection"),
+            ("export_s", "export"),
+            ("total_s", "total (without start-up)"),
+        ):
             rows.append((f"FiftyOne {label}", span([r[key] for r in fo_report["runs"]], "s")))
     width = max(len(r[0]) for r in rows)
     for label, value in rows:
@@ -362,17 +417,26 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict:
-    overrides = [f"paths.data={workdir / 'data'}", f"paths.build={workdir / 'build'}",
-                 f"mlflow.store_dir={workdir / 'mlruns'}", "mlflow.tracking_uri=null"]  # fmt: skip
+    overrides = [
+        f"paths.data={workdir / 'data'}",
+        f"paths.build={workdir / 'build'}",
+        f"mlflow.store_dir={workdir / 'mlruns'}",
+        "mlflow.tracking_uri=null",
+    ]
     cfg = compose(overrides)
     counts = {"train": args.anchor, "val": args.val, "test": args.test, "pool": args.pool}
     print(f"data: {counts} in {workdir / 'data'} (load {load_average()})", flush=True)
     generated = ensure_data(cfg, workdir, counts)
     report: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "data": {**counts, "image_size": list(SIZE), "anchor_mb": folder_mb(resolve_path(cfg, "anchor")),
-                 "pool_splits": pool.split_counts(cfg), "generation": generated},
-    }  # fmt: skip
+        "data": {
+            **counts,
+            "image_size": list(SIZE),
+            "anchor_mb": folder_mb(resolve_path(cfg, "anchor")),
+            "pool_splits": pool.split_counts(cfg),
+            "generation": generated,
+        },
+    }
     print(f"timing build_mix x{args.repeats} (load {load_average()})", flush=True)
     detloop_times = time_detloop(cfg, args.repeats)
     mix = detloop_times.pop("mix")
@@ -387,9 +451,14 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     if args.fiftyone_runs:
         print(f"timing the FiftyOne route x{args.fiftyone_runs} (load {load_average()})", flush=True)
         record = mix["record"]
-        params = {"anchor": str(resolve_path(cfg, "anchor")), "pool": str(resolve_path(cfg, "pool")),
-                  "workdir": str(workdir), "n_old": record["old_train"], "seed": record["seed"],
-                  "runs": args.fiftyone_runs}  # fmt: skip
+        params = {
+            "anchor": str(resolve_path(cfg, "anchor")),
+            "pool": str(resolve_path(cfg, "pool")),
+            "workdir": str(workdir),
+            "n_old": record["old_train"],
+            "seed": record["seed"],
+            "runs": args.fiftyone_runs,
+        }
         report["fiftyone"] = time_fiftyone(params, workdir)
         for run in report["fiftyone"]["runs"]:
             assert (run["exported_train"], run["exported_val"]) == (len(mix["train"]), len(mix["val"])), run

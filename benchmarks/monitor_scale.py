@@ -59,14 +59,35 @@ def rows(n: int, seed: int = 0):
             for k, name in enumerate(CLASSES):
                 if rng.random() < rates[name]:
                     for _ in range(1 + (rng.random() < 0.3)):
-                        dets.append({"class_id": k, "class_name": name, "confidence": min(rng.gauss(0.8, 0.08), 1.0),
-                                     "xc": rng.random(), "yc": rng.random(), "w": 0.1, "h": 0.05})  # fmt: skip
+                        dets.append(
+                            {
+                                "class_id": k,
+                                "class_name": name,
+                                "confidence": min(rng.gauss(0.8, 0.08), 1.0),
+                                "xc": rng.random(),
+                                "yc": rng.random(),
+                                "w": 0.1,
+                                "h": 0.05,
+                            }
+                        )
         latency = max(rng.gauss(25.0, 4.0), 1.0)
         version = "1" if ts < start + 21 * monitor.DAY else "2"
-        yield {"ts": ts, "request_id": f"{i:032x}", "endpoint": "invocations", "status": status,
-               "error": None if status == 200 else "row 0: not a decodable image", "model_version": version,
-               "latency_ms": latency, "request_ms": latency, "batch_size": 1, "image_sha256": f"{i:064x}",
-               "image_path": None, "width": 256, "height": 320, **predlog.detection_fields(dets)}  # fmt: skip
+        yield {
+            "ts": ts,
+            "request_id": f"{i:032x}",
+            "endpoint": "invocations",
+            "status": status,
+            "error": None if status == 200 else "row 0: not a decodable image",
+            "model_version": version,
+            "latency_ms": latency,
+            "request_ms": latency,
+            "batch_size": 1,
+            "image_sha256": f"{i:064x}",
+            "image_path": None,
+            "width": 256,
+            "height": 320,
+            **predlog.detection_fields(dets),
+        }
 
 
 def write_log(store: predlog.PredictionLog, n: int) -> float:
@@ -91,8 +112,12 @@ def timed(fn, repeats: int = 3) -> dict:
         started = time.perf_counter()
         result = fn()
         seconds.append(time.perf_counter() - started)
-    return {"seconds": [round(s, 2) for s in seconds], "load_before": before, "load_after": load_average(),
-            "result": result}
+    return {
+        "seconds": [round(s, 2) for s in seconds],
+        "load_before": before,
+        "load_after": load_average(),
+        "result": result,
+    }
 
 
 def main() -> None:
@@ -102,9 +127,15 @@ def main() -> None:
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="detloop-monitor-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    overrides = ["experiment=tiny", f"paths.data={work / 'data'}", f"paths.build={work / 'build'}",
-                 f"mlflow.store_dir={work / 'mlruns'}", "mlflow.tracking_uri=null",
-                 f"serve.predlog=sqlite:///{work / 'predlog.db'}", f"monitor.expected_classes=[{','.join(CLASSES)}]"]
+    overrides = [
+        "experiment=tiny",
+        f"paths.data={work / 'data'}",
+        f"paths.build={work / 'build'}",
+        f"mlflow.store_dir={work / 'mlruns'}",
+        "mlflow.tracking_uri=null",
+        f"serve.predlog=sqlite:///{work / 'predlog.db'}",
+        f"monitor.expected_classes=[{','.join(CLASSES)}]",
+    ]
     cfg = compose(overrides)
     result: dict = {"rows": args.rows, "cpus": os.cpu_count()}
     try:
@@ -123,15 +154,26 @@ def main() -> None:
             result[name] = found
         store.close()
         # end to end: a second call, so the MLflow store exists already (as in production)
-        command = [str(Path(sys.executable).parent / "detloop"), "monitor", "--until", "2026-01-01", "--window-days",
-                   "7", *overrides]  # fmt: skip
+        command = [
+            str(Path(sys.executable).parent / "detloop"),
+            "monitor",
+            "--until",
+            "2026-01-01",
+            "--window-days",
+            "7",
+            *overrides,
+        ]
         subprocess.run(command, capture_output=True, check=False)
         before = load_average()
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, check=False)
-        result["cli_last_7_days"] = {"seconds": round(time.perf_counter() - started, 2), "exit": done.returncode,
-                                     "load_before": before, "load_after": load_average(),
-                                     "output": done.stdout.strip().splitlines()[-3:]}  # fmt: skip
+        result["cli_last_7_days"] = {
+            "seconds": round(time.perf_counter() - started, 2),
+            "exit": done.returncode,
+            "load_before": before,
+            "load_after": load_average(),
+            "output": done.stdout.strip().splitlines()[-3:],
+        }
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

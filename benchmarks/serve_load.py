@@ -51,8 +51,13 @@ IMGSZ = 160
 
 
 def overrides_for(work: Path) -> list[str]:
-    return ["experiment=tiny", f"paths.data={work / 'data'}", f"paths.build={work / 'build'}",
-            f"mlflow.store_dir={work / 'mlruns'}", "mlflow.tracking_uri=null"]  # fmt: skip
+    return [
+        "experiment=tiny",
+        f"paths.data={work / 'data'}",
+        f"paths.build={work / 'build'}",
+        f"mlflow.store_dir={work / 'mlruns'}",
+        "mlflow.tracking_uri=null",
+    ]
 
 
 def register(cfg, work: Path) -> str:
@@ -74,8 +79,11 @@ def register(cfg, work: Path) -> str:
     model.save(str(work / "weights.pt"))
     experiment_id = runs.setup(cfg)
     with mlflow.start_run(experiment_id=experiment_id, run_name="serve-load"):
-        info = log_detector(work / "weights.pt", {"conf": 0.25, "iou": 0.7, "imgsz": IMGSZ},
-                            registered_model_name=cfg.mlflow.registered_model)  # fmt: skip
+        info = log_detector(
+            work / "weights.pt",
+            {"conf": 0.25, "iou": 0.7, "imgsz": IMGSZ},
+            registered_model_name=cfg.mlflow.registered_model,
+        )
     version = str(info.registered_model_version)
     registry.move_alias(cfg, "production", version, why="serve load benchmark", decision="bootstrap")
     return version
@@ -84,8 +92,14 @@ def register(cfg, work: Path) -> str:
 def stats(latencies_ms: list[float], seconds: float) -> dict:
     ordered = sorted(latencies_ms)
     q = statistics.quantiles(ordered, n=100)
-    return {"requests": len(ordered), "seconds": round(seconds, 2), "requests_per_s": round(len(ordered) / seconds, 1),
-            "p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1), "mean_ms": round(statistics.fmean(ordered), 1)}
+    return {
+        "requests": len(ordered),
+        "seconds": round(seconds, 2),
+        "requests_per_s": round(len(ordered) / seconds, 1),
+        "p50_ms": round(q[49], 1),
+        "p95_ms": round(q[94], 1),
+        "mean_ms": round(statistics.fmean(ordered), 1),
+    }
 
 
 def load_direct(cfg):
@@ -115,8 +129,13 @@ def direct(model, images: list[str], n: int, batch: int = 1) -> dict:
         model.predict(pd.DataFrame({"image": [images[j % len(images)] for j in range(i, i + batch)]}))
         latencies.append((time.perf_counter() - t) * 1000)
     seconds = time.perf_counter() - started
-    return {**stats(latencies, seconds), "batch": batch, "images_per_s": round(n / seconds, 1),
-            "load_before": before, "load_after": load_average()}
+    return {
+        **stats(latencies, seconds),
+        "batch": batch,
+        "images_per_s": round(n / seconds, 1),
+        "load_before": before,
+        "load_after": load_average(),
+    }
 
 
 def over_http(url: str, images: list[str], n: int, concurrency: int) -> dict:
@@ -130,8 +149,12 @@ def over_http(url: str, images: list[str], n: int, concurrency: int) -> dict:
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
         t = time.perf_counter()
-        answer = session.post(f"{url}/invocations", data=bodies[i % len(bodies)], timeout=120,
-                              headers={"Content-Type": "application/json"})  # fmt: skip
+        answer = session.post(
+            f"{url}/invocations",
+            data=bodies[i % len(bodies)],
+            timeout=120,
+            headers={"Content-Type": "application/json"},
+        )
         elapsed = (time.perf_counter() - t) * 1000
         return answer.status_code, elapsed, answer.json().get("request_id", "")
 
@@ -141,8 +164,14 @@ def over_http(url: str, images: list[str], n: int, concurrency: int) -> dict:
         results = list(pool.map(one, range(n)))
     seconds = time.perf_counter() - started
     errors = sum(status != 200 for status, _, _ in results)
-    return {**stats([ms for _, ms, _ in results], seconds), "concurrency": concurrency, "errors": errors,
-            "request_ids": [rid for _, _, rid in results], "load_before": before, "load_after": load_average()}
+    return {
+        **stats([ms for _, ms, _ in results], seconds),
+        "concurrency": concurrency,
+        "errors": errors,
+        "request_ids": [rid for _, _, rid in results],
+        "load_before": before,
+        "load_after": load_average(),
+    }
 
 
 def main() -> None:
@@ -150,8 +179,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests in the concurrent run")
     parser.add_argument("--concurrency", type=int, default=8, help="client threads in the concurrent run")
     parser.add_argument("--sequential", type=int, default=200, help="calls per direct and sequential run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating direct / server sequential runs "
-                        "(the shared machine's load changes; the medians are reported)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating direct / server sequential runs "
+        "(the shared machine's load changes; the medians are reported)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep the work folder here (default: a temp folder, removed)")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="detloop-serve-load-"))
@@ -167,16 +201,23 @@ def main() -> None:
         pages = sorted((work / "data" / "anchor" / "images").rglob("*.jpg"))
         images = [base64.b64encode(p.read_bytes()).decode() for p in pages]
         version = register(cfg, work)
-        result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "images": len(images),
-                  "image_size": "256x320 JPEG", "imgsz": IMGSZ, "version": version}  # fmt: skip
+        result = {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "images": len(images),
+            "image_size": "256x320 JPEG",
+            "imgsz": IMGSZ,
+            "version": version,
+        }
         model = load_direct(cfg)
         proc, url = start_serve(overrides, work / "serve.log")
         sent: set[str] = set()
         try:
             rounds = []
             for _ in range(args.rounds):  # alternate, so both see the same background load
-                pair = {"direct": direct(model, images, args.sequential),
-                        "server": over_http(url, images, args.sequential, 1)}
+                pair = {
+                    "direct": direct(model, images, args.sequential),
+                    "server": over_http(url, images, args.sequential, 1),
+                }
                 sent |= set(pair["server"].pop("request_ids"))
                 pair["overhead_ratio_p50"] = round(pair["server"]["p50_ms"] / pair["direct"]["p50_ms"], 2)
                 rounds.append(pair)
@@ -203,8 +244,9 @@ def main() -> None:
             "server_requests_per_s": median(r["server"]["requests_per_s"] for r in rounds),
             "overhead_ratio_p50": median(r["overhead_ratio_p50"] for r in rounds),
         }
-        result["concurrent_share_of_batched_ceiling"] = round(result["server_concurrent"]["requests_per_s"]
-                                                              / result["direct_batched"]["images_per_s"], 2)
+        result["concurrent_share_of_batched_ceiling"] = round(
+            result["server_concurrent"]["requests_per_s"] / result["direct_batched"]["images_per_s"], 2
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -36,8 +36,9 @@ def start_serve(overrides: list[str], log: Path, timeout: float = 300.0) -> tupl
 
     port = free_port()
     with log.open("w") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([str(BIN / "detloop"), "serve", "--port", str(port), *overrides],
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(BIN / "detloop"), "serve", "--port", str(port), *overrides], stdout=out, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

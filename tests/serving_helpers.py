@@ -61,19 +61,33 @@ def register_detector(cfg, weights: Path, *, imgsz: int = 64, conf: float = 0.25
 
     experiment_id = runs.setup(cfg)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"test-{weights.stem}"):
-        info = log_detector(weights, {"conf": conf, "iou": 0.7, "imgsz": imgsz},
-                            registered_model_name=cfg.mlflow.registered_model)  # fmt: skip
+        info = log_detector(
+            weights, {"conf": conf, "iou": 0.7, "imgsz": imgsz}, registered_model_name=cfg.mlflow.registered_model
+        )
     version = str(info.registered_model_version)
-    registry.set_version_tags(cfg.mlflow.registered_model, version,
-                              {"kind": "base", "decision": "pass", "gate.decision": "pass", **(tags or {})})
+    registry.set_version_tags(
+        cfg.mlflow.registered_model,
+        version,
+        {"kind": "base", "decision": "pass", "gate.decision": "pass", **(tags or {})},
+    )
     return version
 
 
 # --------------------------------------------------------------------------- seeded prediction logs
 
 
-def seed_log(store, start: float, days: float, per_day: int, *, version: str = "1", classes=("title", "date"),
-             missing: dict | None = None, confidence: float = 0.9, latency_ms: float = 20.0) -> int:
+def seed_log(
+    store,
+    start: float,
+    days: float,
+    per_day: int,
+    *,
+    version: str = "1",
+    classes=("title", "date"),
+    missing: dict | None = None,
+    confidence: float = 0.9,
+    latency_ms: float = 20.0,
+) -> int:
     """Scored images spread evenly over ``days`` from ``start``; returns how many were written.
 
     Every image detects each of ``classes`` with ``confidence``, except that class ``c`` is missing
@@ -86,12 +100,26 @@ def seed_log(store, start: float, days: float, per_day: int, *, version: str = "
     records = []
     for i in range(total):
         found = [c for c in classes if not (c in missing and i % missing[c] == 0)]
-        dets = [{"class_id": k, "class_name": c, "confidence": confidence, "xc": 0.5, "yc": 0.5, "w": 0.2, "h": 0.1}
-                for k, c in enumerate(found)]  # fmt: skip
-        records.append(Record(ts=start + i * DAY / per_day, request_id=new_request_id(), endpoint="invocations",
-                              status=200, model_version=version, latency_ms=latency_ms, request_ms=latency_ms,
-                              batch_size=1, image_sha256=f"{i:064x}", width=256, height=320,
-                              **detection_fields(dets)))  # fmt: skip
+        dets = [
+            {"class_id": k, "class_name": c, "confidence": confidence, "xc": 0.5, "yc": 0.5, "w": 0.2, "h": 0.1}
+            for k, c in enumerate(found)
+        ]
+        records.append(
+            Record(
+                ts=start + i * DAY / per_day,
+                request_id=new_request_id(),
+                endpoint="invocations",
+                status=200,
+                model_version=version,
+                latency_ms=latency_ms,
+                request_ms=latency_ms,
+                batch_size=1,
+                image_sha256=f"{i:064x}",
+                width=256,
+                height=320,
+                **detection_fields(dets),
+            )
+        )
     store.write(records)
     return total
 
@@ -107,6 +135,13 @@ def write_reports(inbox: Path, weekly: list[int], until: float) -> None:
         week_start = until - (len(weekly) - k) * 7 * DAY
         for j in range(count):
             when = datetime.fromtimestamp(week_start + DAY + j * HOUR, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            rows.append({"id": f"report-{k:02d}{j:010d}", "sha256": f"{k:02d}{j:062d}", "source": "/reports/x.jpg",
-                         "reported_at": when, "has_labels": False})  # fmt: skip
+            rows.append(
+                {
+                    "id": f"report-{k:02d}{j:010d}",
+                    "sha256": f"{k:02d}{j:062d}",
+                    "source": "/reports/x.jpg",
+                    "reported_at": when,
+                    "has_labels": False,
+                }
+            )
     write_manifest(inbox / "manifest.jsonl", rows)

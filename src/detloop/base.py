@@ -62,20 +62,23 @@ def _tag_and_alias(cfg: DictConfig, version: str, run_id: str, anchor: Path) -> 
     registry.set_version_tags(name, version, tags)
     train = cfg.base.train
     registry.describe(
-        cfg, version,
+        cfg,
+        version,
         f"base model: {cfg.base.model} trained {train.epochs} epochs at {train.imgsz} px on the anchor "
         f"(run {run_id}, config {tags['lineage.config_hash']}).",
-    )  # fmt: skip
+    )
     in_sweep = runs.SWEEP_TAG in mlflow.get_run(run_id).data.tags
     if not in_sweep or registry.alias_holder(name, "base") is None:
         registry.move_alias(cfg, "base", version, why="base stage trained a new base model", decision="base")
     if registry.alias_holder(name, "production") is None:
         registry.set_version_tags(name, version, {"decision": "bootstrap"})
         registry.move_alias(
-            cfg, "production", version,
+            cfg,
+            "production",
+            version,
             why="bootstrap: first registered model, no production version yet",
             decision="bootstrap",
-        )  # fmt: skip
+        )
 
 
 main = hydra_entry(run)

@@ -99,9 +99,11 @@ def run(cfg: DictConfig) -> dict:
     registry.set_version_tags(
         target["name"],
         target["version"],
-        {f"eval.anchor_{metrics['split']}.map50": f"{metrics['map50']:.4f}",
-         f"eval.anchor_{metrics['split']}.map50_95": f"{metrics['map50_95']:.4f}"},
-    )  # fmt: skip
+        {
+            f"eval.anchor_{metrics['split']}.map50": f"{metrics['map50']:.4f}",
+            f"eval.anchor_{metrics['split']}.map50_95": f"{metrics['map50_95']:.4f}",
+        },
+    )
     write_json(stage_dir(cfg, STAGE) / "metrics.json", {"model_version": target["version"], **metrics})
     write_json(stage_dir(cfg, STAGE) / "lineage.json", lineage_key(cfg))
     log.info("v%s on anchor %s: mAP50 %.4f", target["version"], metrics["split"], metrics["map50"])

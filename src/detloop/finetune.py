@@ -90,8 +90,14 @@ def run(cfg: DictConfig) -> dict:
     if flagged is not None:  # the monitor's performance flag is answered by this candidate
         registry.set_version_tags(name, version, {"trigger.performance_flag": flagged})
         log.info("performance flag answered by v%s: %s", version, flagged)
-    result = {"name": name, "version": version, "run_id": run_id, "base_version": base_version,
-              "model_uri": f"models:/{name}/{version}", "forced": mix["forced"]}  # fmt: skip
+    result = {
+        "name": name,
+        "version": version,
+        "run_id": run_id,
+        "base_version": base_version,
+        "model_uri": f"models:/{name}/{version}",
+        "forced": mix["forced"],
+    }
     write_json(out / "model.json", result)
     write_json(out / "metrics.json", final)
     write_json(out / "lineage.json", lineage_key(cfg, mix))
@@ -100,8 +106,13 @@ def run(cfg: DictConfig) -> dict:
         from detloop.evaluation.gating import gate_version
 
         record = gate_version(cfg, version, alias="production")
-        return {**result, "metrics": final, "decision": record["decision"], "figures": record["figures"],
-                "objective": record["figures"].get("gate.new_samples.detection_rate")}  # fmt: skip
+        return {
+            **result,
+            "metrics": final,
+            "decision": record["decision"],
+            "figures": record["figures"],
+            "objective": record["figures"].get("gate.new_samples.detection_rate"),
+        }
     return {**result, "metrics": final}
 
 
@@ -123,11 +134,12 @@ def _tag(cfg: DictConfig, version: str, run_id: str, base_version: str, mix: dic
     )
     registry.set_version_tags(cfg.mlflow.registered_model, version, tags)
     registry.describe(
-        cfg, version,
+        cfg,
+        version,
         f"fine-tune of base v{base_version}: {mix['new_train']} pool samples + {mix['old_train']} replayed anchor "
         f"samples ({mix['multiplier']}x), {cfg.finetune.train.epochs} epochs, lr0 {cfg.finetune.train.lr0}, "
         f"freeze {cfg.finetune.train.freeze}{' (forced)' if mix['forced'] else ''}; run {run_id}. Awaiting the gates.",
-    )  # fmt: skip
+    )
 
 
 main = hydra_entry(run)

@@ -77,8 +77,11 @@ def run(cfg: DictConfig) -> dict:
             record = {"skipped": True, "reason": f"{source}: {found.get('reason') or found.get('trigger')}"}
         else:
             record = gate_version(cfg, str(found["version"]), alias=alias)
-            metrics[source] = {"decision": record["decision"], "version": record["candidate"]["version"],
-                               **record["figures"]}  # fmt: skip
+            metrics[source] = {
+                "decision": record["decision"],
+                "version": record["candidate"]["version"],
+                **record["figures"],
+            }
         write_json(out / filename, jsonable(record))
         results[source] = record
     write_json(out / "metrics.json", metrics)

@@ -38,12 +38,23 @@ def run(cfg: DictConfig) -> dict:
     if trigger.triggered:
         mix = build_mix(cfg, trigger)
         record, train, val = mix["record"], relative_paths(mix["train"], root), relative_paths(mix["val"], root)
-        log.info("mix: %d new + %d replayed anchor samples (%dx), %d val; %s",
-                 record["new_train"], record["old_train"], record["multiplier"], len(val), trigger.message)  # fmt: skip
+        log.info(
+            "mix: %d new + %d replayed anchor samples (%dx), %d val; %s",
+            record["new_train"],
+            record["old_train"],
+            record["multiplier"],
+            len(val),
+            trigger.message,
+        )
     else:
-        record = {"triggered": False, "forced": False, "trigger": trigger.message,
-                  "trigger_reasons": list(trigger.reasons), "pool_size": trigger.pool_size,
-                  "new_samples": trigger.new_samples}  # fmt: skip
+        record = {
+            "triggered": False,
+            "forced": False,
+            "trigger": trigger.message,
+            "trigger_reasons": list(trigger.reasons),
+            "pool_size": trigger.pool_size,
+            "new_samples": trigger.new_samples,
+        }
         train, val = [], []
         log.info("no fine-tune: %s", trigger.message)
     (out / "train.txt").write_text("".join(f"{p}\n" for p in train))

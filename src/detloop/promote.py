@@ -86,8 +86,9 @@ def parse_decision(record: dict, path: Path, cfg: DictConfig) -> GateDecision:
     if kind not in KINDS:
         problems.append(f"{path}: key 'candidate.kind' is {kind!r}, not one of {', '.join(KINDS)}")
     if name != cfg.mlflow.registered_model:
-        problems.append(f"{path}: key 'candidate.name' is {name!r}, but mlflow.registered_model is "
-                        f"{cfg.mlflow.registered_model!r}")  # fmt: skip
+        problems.append(
+            f"{path}: key 'candidate.name' is {name!r}, but mlflow.registered_model is {cfg.mlflow.registered_model!r}"
+        )
     if problems:
         raise BadInput(f"the gate decision {path} is not valid", problems)
     figures = record.get("figures") if isinstance(record.get("figures"), dict) else {}
@@ -120,8 +121,9 @@ def apply_decision(cfg: DictConfig, gate: GateDecision) -> dict:
     if tagged != gate.decision:
         raise BadInput(
             f"version {version}: the gate decision file says {gate.decision!r}, the version's tag gate.decision is "
-            f"{tagged!r}", ["the decision file is stale or the gate did not finish: run the gate again"],
-        )  # fmt: skip
+            f"{tagged!r}",
+            ["the decision file is stale or the gate did not finish: run the gate again"],
+        )
     alias = target_alias(cfg, gate)
     result = {**gate.key(), "alias": alias, "from": None, "to": None}
     if alias is None:
@@ -133,15 +135,24 @@ def apply_decision(cfg: DictConfig, gate: GateDecision) -> dict:
     earlier = last_move_to(cfg, alias, version)
     moved_since = bool(gate.reference) and holder not in (None, version, gate.reference)
     if alias != "staging" and earlier is None and moved_since:
-        log.warning("v%s was gated against v%s, but v%s holds %s now: it waits in staging for a new gate or a human",
-                    version, gate.reference, holder, alias)  # fmt: skip
+        log.warning(
+            "v%s was gated against v%s, but v%s holds %s now: it waits in staging for a new gate or a human",
+            version,
+            gate.reference,
+            holder,
+            alias,
+        )
         alias = result["alias"] = "staging"
         registry.reconcile(cfg, alias)
         holder, earlier = registry.alias_holder(name, alias), last_move_to(cfg, alias, version)
     if earlier is not None or holder == version:
         if holder != version:
-            log.warning("v%s got %s earlier and lost it since (v%s holds it): the pipeline does not move it back",
-                        version, alias, holder or "-")  # fmt: skip
+            log.warning(
+                "v%s got %s earlier and lost it since (v%s holds it): the pipeline does not move it back",
+                version,
+                alias,
+                holder or "-",
+            )
         else:
             log.info("v%s already holds %s: nothing to do", version, alias)
         previous = earlier["from_version"] if earlier else tags.get("rollback_to", "")
@@ -153,8 +164,15 @@ def apply_decision(cfg: DictConfig, gate: GateDecision) -> dict:
         registry.set_version_tags(name, version, {"rollback_to": holder})  # before the move: crash-safe
     why = f"gate {gate.decision}" + (f": {gate.summary.splitlines()[0]}" if gate.summary else "")
     numeric = {k: float(v) for k, v in gate.figures.items() if type(v) in (int, float) and ".per_class." not in k}
-    previous = registry.move_alias(cfg, alias, version, why=why, decision=gate.decision, figures=numeric,
-                                   tags={"audit.kind": gate.kind, "audit.stage": STAGE})  # fmt: skip
+    previous = registry.move_alias(
+        cfg,
+        alias,
+        version,
+        why=why,
+        decision=gate.decision,
+        figures=numeric,
+        tags={"audit.kind": gate.kind, "audit.stage": STAGE},
+    )
     if alias == "production":
         clear_staging_of(cfg, version, who=None, why=why, decision=gate.decision)
     return {**result, "from": previous, "to": version}
@@ -171,8 +189,10 @@ def run(cfg: DictConfig) -> dict:
     gate_dir = stage_dir(cfg, "gate")
     files = {src: gate_dir / f for src, f in DECISION_FILES.items() if (gate_dir / f).is_file()}
     if not files:
-        raise BadInput(f"no gate decision in {gate_dir}", [f"{gate_dir / f}: missing; run the gate stage first"
-                                                           for f in DECISION_FILES.values()])  # fmt: skip
+        raise BadInput(
+            f"no gate decision in {gate_dir}",
+            [f"{gate_dir / f}: missing; run the gate stage first" for f in DECISION_FILES.values()],
+        )
     records = {src: read_json(path, "the gate decision (stage gate)") for src, path in files.items()}
     gates = {src: parse_decision(r, files[src], cfg) for src, r in records.items() if not r.get("skipped")}
     if gates:

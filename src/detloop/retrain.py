@@ -61,12 +61,20 @@ def run(cfg: DictConfig) -> dict:
     anchor = resolve_path(cfg, "anchor")
     pool_sha = manifest_hash(resolve_path(cfg, "pool") / MANIFEST)
     data_yaml, counts = retrain_yaml(cfg, out)
-    params = {**counts, "data.anchor_manifest_sha256": manifest_hash(anchor / MANIFEST),
-              "data.pool_manifest_sha256": pool_sha, "data.pool_size": due["pool_size"]}  # fmt: skip
+    params = {
+        **counts,
+        "data.anchor_manifest_sha256": manifest_hash(anchor / MANIFEST),
+        "data.pool_manifest_sha256": pool_sha,
+        "data.pool_size": due["pool_size"],
+    }
     trained = train_from_scratch(cfg, cfg.retrain, STAGE, data_yaml, params, run_name="base retrain")
     _tag(cfg, trained, due, counts, anchor, pool_sha)
-    lineage = {"stage": STAGE, "config_hash": config_hash(cfg.retrain), "input": due,
-               "anchor_manifest_sha256": manifest_hash(anchor / MANIFEST)}  # fmt: skip
+    lineage = {
+        "stage": STAGE,
+        "config_hash": config_hash(cfg.retrain),
+        "input": due,
+        "anchor_manifest_sha256": manifest_hash(anchor / MANIFEST),
+    }
     return write_result(cfg, STAGE, trained, lineage)
 
 
@@ -89,12 +97,13 @@ def _tag(cfg: DictConfig, trained: dict, due: dict, counts: dict, anchor: Path, 
     )
     registry.set_version_tags(name, version, tags)
     registry.describe(
-        cfg, version,
+        cfg,
+        version,
         f"base retrain from scratch: {cfg.retrain.model}, {cfg.retrain.train.epochs} epochs on "
         f"{counts['data.anchor_train']} anchor + {counts['data.pool_train']} pool train samples (pool of "
         f"{due['pool_size']}){' (forced)' if due['forced'] else ''}; run {run_id}. A candidate for the `base` "
         "alias: awaiting the gates.",
-    )  # fmt: skip
+    )
 
 
 main = hydra_entry(run)

@@ -24,10 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY = {
     "conf/demo/default.yaml": {
-        "anchor.train": 24, "anchor.val": 8, "anchor.test": 8, "failures.pool": 12, "failures.inbox": 4,
+        "anchor.train": 24,
+        "anchor.val": 8,
+        "anchor.test": 8,
+        "failures.pool": 12,
+        "failures.inbox": 4,
     },
     "conf/base/default.yaml": {"train.epochs": 1, "train.imgsz": 64, "train.batch": 8, "train.plots": False},
-}  # fmt: skip
+}
 
 
 def set_yaml(path: Path, dotted: str, value) -> None:
@@ -196,15 +200,39 @@ def test_hydra_sweep_logs_one_child_run_per_job_under_one_parent(repo):
 
 
 def test_dvc_exp_run_set_param_reaches_the_run(repo):
-    sh(repo, "dvc", "exp", "run", "-S", "conf/base/default.yaml:train.lr0=0.003",
-       env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid",
-            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid"})  # fmt: skip
+    sh(
+        repo,
+        "dvc",
+        "exp",
+        "run",
+        "-S",
+        "conf/base/default.yaml:train.lr0=0.003",
+        env={
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t.invalid",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t.invalid",
+        },
+    )
     assert base_runs(repo)[-1].data.params["base.train.lr0"] == "0.003"
 
 
 def test_mlflow_run_entry_point_reaches_the_run(repo):
-    sh(repo, "mlflow", "run", ".", "-e", "base", "--env-manager", "local", "--experiment-name", "detloop",
-       "-P", "overrides=base.train.lr0=0.004", env={"MLFLOW_TRACKING_URI": store(repo)})  # fmt: skip
+    sh(
+        repo,
+        "mlflow",
+        "run",
+        ".",
+        "-e",
+        "base",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "detloop",
+        "-P",
+        "overrides=base.train.lr0=0.004",
+        env={"MLFLOW_TRACKING_URI": store(repo)},
+    )
     last = base_runs(repo)[-1]
     assert last.data.params["base.train.lr0"] == "0.004"
     assert last.data.params["overrides"] == "base.train.lr0=0.004"

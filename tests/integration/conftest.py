@@ -22,11 +22,23 @@ def server(tmp_path_factory):
     port = free_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     proc = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{base / 'server.db'}",
-         "--artifacts-destination", str(base / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=(base / "server.log").open("w"),
-    )  # fmt: skip
+        [
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{base / 'server.db'}",
+            "--artifacts-destination",
+            str(base / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(base / "server.log").open("w"),
+    )
     uri = f"http://127.0.0.1:{port}"
     wait_healthy(uri, proc, "mlflow server", log=base / "server.log")
     yield uri

@@ -60,8 +60,10 @@ def store_synthetic(args: dict) -> dict:
     dataset = fo_load.load_set(cfg, "anchor-test", names)
     paths = [Path(p) for p in dataset.values("filepath")]
     sizes = zip(dataset.values("metadata.width"), dataset.values("metadata.height"), strict=True)
-    values = {str(p): fo_load.detections_from_pixels(d.boxes, d.cls, d.conf, size, names)
-              for p, d, size in zip(paths, synthetic_predictions(paths, args["seed"]), sizes, strict=True)}
+    values = {
+        str(p): fo_load.detections_from_pixels(d.boxes, d.cls, d.conf, size, names)
+        for p, d, size in zip(paths, synthetic_predictions(paths, args["seed"]), sizes, strict=True)
+    }
     dataset.set_values("predictions_synthetic", values, key_field="filepath")
     results = fo_eval.evaluate(dataset, "predictions_synthetic", cfg)
     worst = fo_eval.worst_samples(dataset, "eval_synthetic", "fn")
@@ -72,11 +74,17 @@ def store_synthetic(args: dict) -> dict:
     at_conf = fo_eval.report(results, dataset, 3, conf=0.5)
     confident = dataset.filter_labels("predictions_synthetic", F("confidence") >= 0.5, only_matches=False)
     direct = fo_eval.evaluate(confident, "predictions_synthetic", cfg, key="eval_confident")
-    return {"figures": fo_eval.figures(results), "paths": [str(p) for p in paths],
-            "report": fo_eval.report(results, dataset, 3), "report_at_conf": at_conf,
-            "report_confident_only": direct.report(classes=[k for k in at_conf if "avg" not in k]),
-            "fn_sorted": worst.values("eval_synthetic_fn"), "patch_labels": sorted(set(patches.distinct("type"))),
-            "patches": len(patches), "table_objects": dataset.count_values("ground_truth.detections.label")["table"]}
+    return {
+        "figures": fo_eval.figures(results),
+        "paths": [str(p) for p in paths],
+        "report": fo_eval.report(results, dataset, 3),
+        "report_at_conf": at_conf,
+        "report_confident_only": direct.report(classes=[k for k in at_conf if "avg" not in k]),
+        "fn_sorted": worst.values("eval_synthetic_fn"),
+        "patch_labels": sorted(set(patches.distinct("type"))),
+        "patches": len(patches),
+        "table_objects": dataset.count_values("ground_truth.detections.label")["table"],
+    }
 
 
 def compare_fields(args: dict) -> dict:
@@ -87,9 +95,14 @@ def compare_fields(args: dict) -> dict:
 
     dataset = fo.load_dataset(args["dataset"])
     found = fo_eval.compare(dataset, args["base"], args["candidate"], cfg)
-    return {"base": found["base"], "candidate": found["candidate"], "map50_change": found["map50_change"],
-            "worse": len(found["candidate_worse"]), "better": len(found["candidate_better"]),
-            "evaluations": dataset.list_evaluations()}
+    return {
+        "base": found["base"],
+        "candidate": found["candidate"],
+        "map50_change": found["map50_change"],
+        "worse": len(found["candidate_worse"]),
+        "better": len(found["candidate_better"]),
+        "evaluations": dataset.list_evaluations(),
+    }
 
 
 def dataset_facts(args: dict) -> dict:
@@ -102,7 +115,7 @@ def dataset_facts(args: dict) -> dict:
     masks = {"with_mask": 0, "shape_matches_box": 0, "detections": 0}
     for field in (f for f in fields if f.startswith("predictions_")):
         for sample in dataset.select_fields([field, "metadata"]):
-            for det in (sample[field].detections if sample[field] else []):
+            for det in sample[field].detections if sample[field] else []:
                 masks["detections"] += 1
                 if det.mask is None:
                     continue
@@ -112,11 +125,19 @@ def dataset_facts(args: dict) -> dict:
                 cols = int(np.ceil(min((x + w) * W, W))) - int(np.floor(max(x * W, 0)))
                 rows = int(np.ceil(min((y + h) * H, H))) - int(np.floor(max(y * H, 0)))
                 masks["shape_matches_box"] += det.mask.shape == (max(rows, 1), max(cols, 1))
-    return {"samples": len(dataset), "fields": sorted(fields), "persistent": dataset.persistent,
-            "ids": sorted(dataset.values("detloop_id")), "tags": dataset.count_sample_tags(), "masks": masks,
-            "labels": {f: dataset.count(f"{f}.detections") for f in fields},
-            "filled": {d: bool(g is not None) for d, g in zip(dataset.values("detloop_id"),
-                                                                dataset.values("ground_truth"), strict=True)}}
+    return {
+        "samples": len(dataset),
+        "fields": sorted(fields),
+        "persistent": dataset.persistent,
+        "ids": sorted(dataset.values("detloop_id")),
+        "tags": dataset.count_sample_tags(),
+        "masks": masks,
+        "labels": {f: dataset.count(f"{f}.detections") for f in fields},
+        "filled": {
+            d: bool(g is not None)
+            for d, g in zip(dataset.values("detloop_id"), dataset.values("ground_truth"), strict=True)
+        },
+    }
 
 
 def tag_for_review(args: dict) -> dict:
@@ -157,8 +178,9 @@ def write_zoo_info(args: dict) -> dict:
 
     n = int(args["n"])
     split = {"validation": zoo.ZooDatasetSplitInfo("validation", n)}
-    info = zoo.ZooDatasetInfo(zoo.get_zoo_dataset("coco-2017"), fo.types.COCODetectionDataset, n,
-                              downloaded_splits=split, classes=["Table"])  # fmt: skip
+    info = zoo.ZooDatasetInfo(
+        zoo.get_zoo_dataset("coco-2017"), fo.types.COCODetectionDataset, n, downloaded_splits=split, classes=["Table"]
+    )
     path = Path(args["dir"]) / "info.json"
     info.write_json(str(path))
     return {"info": str(path)}
@@ -180,30 +202,38 @@ def curate_flow(args: dict) -> dict:
     anchor = fo_load.load_set(cfg, "anchor-test", names)
     pred = args["pred_field"]
     test = fiftyone_curate.class_test_set(anchor, ["table"], f"{prefix}-table-test", pred_fields=[pred])
-    zoo = fiftyone_curate.load_source({"kind": "zoo", "name": "coco-2017", "split": "validation",
-                                       "classes": ["Table"], "zoo_dir": args["zoo_dir"]}, name=f"{prefix}-zoo")
+    zoo = fiftyone_curate.load_source(
+        {"kind": "zoo", "name": "coco-2017", "split": "validation", "classes": ["Table"], "zoo_dir": args["zoo_dir"]},
+        name=f"{prefix}-zoo",
+    )
     coco = fiftyone_curate.load_source({"kind": "coco", "dir": args["coco_dir"]}, name=f"{prefix}-coco")
-    merged = fiftyone_curate.merge_sources(f"{prefix}-train", [fo.load_dataset(anchor.name), zoo, coco],
-                                           label_map={"Table": "table"}, classes=["table"])
+    merged = fiftyone_curate.merge_sources(
+        f"{prefix}-train", [fo.load_dataset(anchor.name), zoo, coco], label_map={"Table": "table"}, classes=["table"]
+    )
     first = fiftyone_curate.seeded_split(merged, {"train": 0.75, "val": 0.25}, seed=7)
     train_first = sorted(merged.match_tags("train").values("filepath"))
     again = fiftyone_curate.seeded_split(merged, {"train": 0.75, "val": 0.25}, seed=7)
     train_again = sorted(merged.match_tags("train").values("filepath"))
     yaml_path = fiftyone_curate.export_ultralytics(merged, args["export_dir"], ["table"], splits=["train", "val"])
     return {
-        "test_samples": len(test), "test_labels": test.distinct("ground_truth.detections.label"),
+        "test_samples": len(test),
+        "test_labels": test.distinct("ground_truth.detections.label"),
         "test_pred_labels": test.distinct(f"{pred}.detections.label"),
         "test_without_predictions": len(test.match(fo.ViewField(f"{pred}.detections").length() == 0)),
         "anchor_with_table": len(anchor.filter_labels("ground_truth", fo.ViewField("label") == "table")),
         "zoo_labels": zoo.count_values("ground_truth.detections.label"),
-        "merged": len(merged), "merged_labels": merged.count_values("ground_truth.detections.label"),
-        "split": first, "split_again": again, "same_split": train_first == train_again,
+        "merged": len(merged),
+        "merged_labels": merged.count_values("ground_truth.detections.label"),
+        "split": first,
+        "split_again": again,
+        "same_split": train_first == train_again,
         "yaml": str(yaml_path),
     }
 
 
-STEPS = {f.__name__: f for f in (store_synthetic, compare_fields, dataset_facts, tag_for_review, write_zoo_info,
-                                  curate_flow)}  # fmt: skip
+STEPS = {
+    f.__name__: f for f in (store_synthetic, compare_fields, dataset_facts, tag_for_review, write_zoo_info, curate_flow)
+}
 
 if __name__ == "__main__":
     from detloop.fiftyone.db import connect, import_fiftyone

@@ -92,8 +92,19 @@ def test_production_alias_loads_as_pyfunc_and_predicts_the_contract(trained, tin
     encoded = base64.b64encode(image.read_bytes()).decode()
     out = model.predict(pd.DataFrame({"image": [str(image), encoded]}))
     assert list(out.columns) == [
-        "row", "class_id", "class_name", "confidence", "x1", "y1", "x2", "y2", "xc", "yc", "w", "h",
-    ]  # fmt: skip
+        "row",
+        "class_id",
+        "class_name",
+        "confidence",
+        "x1",
+        "y1",
+        "x2",
+        "y2",
+        "xc",
+        "yc",
+        "w",
+        "h",
+    ]
     assert set(out["row"]) <= {0, 1}
     with pytest.raises(Exception, match="row 0"):
         model.predict(pd.DataFrame({"image": ["not an image"]}))

@@ -27,8 +27,9 @@ def dvc(cwd: Path, *args: str) -> str:
 
 
 def copy_tracked(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()  # fmt: skip
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -52,8 +53,11 @@ def test_committed_dvc_lock_records_the_current_code_and_params(tmp_path):
             for kind, paths in change.items():
                 if kind == "changed outs" or not isinstance(paths, dict):
                     continue
-                stale += [f"{stage}: {kind} {p} {s}" for p, s in paths.items()
-                          if not (s == "deleted" and p.startswith(DATA_PATHS))]  # fmt: skip
+                stale += [
+                    f"{stage}: {kind} {p} {s}"
+                    for p, s in paths.items()
+                    if not (s == "deleted" and p.startswith(DATA_PATHS))
+                ]
     assert not stale, "dvc.lock is stale; run `dvc repro` (or `dvc commit`) and commit dvc.lock:\n" + "\n".join(stale)
 
 

@@ -81,8 +81,12 @@ def copy_project(project, database, tmp_path: Path) -> list[str]:
     """Overrides for a private data copy (plus one report without labels) that shares the registry."""
     base, overrides = project
     shutil.copytree(base / "data", tmp_path / "data")
-    ours = [*(o for o in overrides if not o.startswith("paths.data=")), f"paths.data={tmp_path / 'data'}",
-            f"fiftyone.database.uri={database.uri}", f"fiftyone.dataset_prefix=t{uuid.uuid4().hex[:8]}"]
+    ours = [
+        *(o for o in overrides if not o.startswith("paths.data=")),
+        f"paths.data={tmp_path / 'data'}",
+        f"fiftyone.database.uri={database.uri}",
+        f"fiftyone.dataset_prefix=t{uuid.uuid4().hex[:8]}",
+    ]
     report = tmp_path / "report" / "unlabelled.jpg"
     report.parent.mkdir()
     page = np.array(Image.open(sorted((base / "data/anchor/images/train").glob("*.jpg"))[0]))
@@ -97,8 +101,14 @@ def checks(*steps: tuple[str, dict]) -> list[dict]:
     arg_file = Path(steps[0][1]["overrides"][1].split("=", 1)[1]).parent / f"check-{uuid.uuid4().hex[:6]}.json"
     arg_file.write_text(json.dumps([list(step) for step in steps]))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "tests.integration.fiftyone_checks", str(arg_file)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.integration.fiftyone_checks", str(arg_file)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(found) == len(steps) and all(facts.pop("mlflow_imported") is False for facts in found)
@@ -122,18 +132,23 @@ def test_inspect_loads_sets_and_its_map_is_the_gates(project, database, tmp_path
     assert cli([*args, "--model", "production", "--no-evaluate", *overrides]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["datasets"][f"{prefix}-inbox"]["fields"] == ["predictions_v1"]
-    assert {k: v["samples"] for k, v in first["datasets"].items()} == {k: v["samples"] for k, v in
-                                                                       result["datasets"].items()}
+    assert {k: v["samples"] for k, v in first["datasets"].items()} == {
+        k: v["samples"] for k, v in result["datasets"].items()
+    }
     assert result["mlflow_imported"] is False and result["database_uri"] == database.uri
     datasets = result["datasets"]
     assert datasets[f"{prefix}-anchor-test"]["samples"] == 8
     assert datasets[f"{prefix}-pool"]["samples"] == len(read_manifest(tmp_path / "data/pool/manifest.jsonl")) == 12
     assert datasets[f"{prefix}-inbox"]["samples"] == 5
-    facts, pool = checks(("dataset_facts", {"overrides": overrides, "dataset": f"{prefix}-anchor-test"}),
-                         ("dataset_facts", {"overrides": overrides, "dataset": f"{prefix}-pool"}))  # fmt: skip
+    facts, pool = checks(
+        ("dataset_facts", {"overrides": overrides, "dataset": f"{prefix}-anchor-test"}),
+        ("dataset_facts", {"overrides": overrides, "dataset": f"{prefix}-pool"}),
+    )
     assert facts["persistent"] and facts["samples"] == 8 and "predictions_v1" in facts["fields"]
-    gt_objects = sum(len(evaluator.load_ground_truth([p])[0].cls)
-                     for p in sorted((tmp_path / "data/anchor/images/test").glob("*.jpg")))  # fmt: skip
+    gt_objects = sum(
+        len(evaluator.load_ground_truth([p])[0].cls)
+        for p in sorted((tmp_path / "data/anchor/images/test").glob("*.jpg"))
+    )
     assert facts["labels"]["ground_truth"] == gt_objects
     assert pool["tags"].keys() <= {"train", "val", "holdout"} and sum(pool["tags"].values()) == 12
     # and its figures equal the gate's evaluator on the same version and images (to 3 decimals)
@@ -156,8 +171,15 @@ def test_masks_map_equality_views_and_version_compare(project, database, tmp_pat
         branch[-1].bias.data.fill_(0.0)
     model.save(str(seg))
     ours = [*overrides, "gate.eval.max_det=5"]
-    run_job({"action": "inspect", "overrides": ours, "sets": ["anchor-test"], "evaluate": False,
-             "models": [{"weights": str(seg), "imgsz": 64, "label": "seg"}]})  # fmt: skip
+    run_job(
+        {
+            "action": "inspect",
+            "overrides": ours,
+            "sets": ["anchor-test"],
+            "evaluate": False,
+            "models": [{"weights": str(seg), "imgsz": 64, "label": "seg"}],
+        }
+    )
     prefix = compose(ours).fiftyone.dataset_prefix
     zoo_dir, coco_dir = write_coco(tmp_path / "zoo" / "coco-2017" / "validation", 3), write_coco(tmp_path / "coco", 2)
     # the FiftyOne steps in one child process: the stored masks; synthetic predictions stored and
@@ -165,13 +187,27 @@ def test_masks_map_equality_views_and_version_compare(project, database, tmp_pat
     stored, facts, found, _, cur = checks(
         ("dataset_facts", {"overrides": ours, "dataset": f"{prefix}-anchor-test"}),
         ("store_synthetic", {"overrides": overrides, "seed": 3}),
-        ("compare_fields", {"overrides": overrides, "dataset": f"{prefix}-anchor-test",
-                            "base": "predictions_yolov8n_seg_untrained", "candidate": "predictions_synthetic"}),
+        (
+            "compare_fields",
+            {
+                "overrides": overrides,
+                "dataset": f"{prefix}-anchor-test",
+                "base": "predictions_yolov8n_seg_untrained",
+                "candidate": "predictions_synthetic",
+            },
+        ),
         ("write_zoo_info", {"overrides": overrides, "dir": str(zoo_dir.parent), "n": 3}),
-        ("curate_flow", {"overrides": overrides, "pred_field": "predictions_synthetic",
-                         "zoo_dir": str(tmp_path / "zoo"), "coco_dir": str(coco_dir),
-                         "export_dir": str(tmp_path / "export")}),
-    )  # fmt: skip
+        (
+            "curate_flow",
+            {
+                "overrides": overrides,
+                "pred_field": "predictions_synthetic",
+                "zoo_dir": str(tmp_path / "zoo"),
+                "coco_dir": str(coco_dir),
+                "export_dir": str(tmp_path / "export"),
+            },
+        ),
+    )
     masks = stored["masks"]
     assert masks["detections"] == 40 and masks["with_mask"] == 40 and masks["shape_matches_box"] == 40
     # given predictions with a mAP well inside (0, 1), stored in FiftyOne and evaluated there
@@ -218,11 +254,13 @@ def write_coco(folder: Path, n: int) -> Path:
     for i in range(n):
         Image.new("RGB", (64, 48), (40 * i, 120, 200)).save(folder / "data" / f"{folder.name}{i:04d}.jpg")
         images.append({"id": i + 1, "file_name": f"{folder.name}{i:04d}.jpg", "width": 64, "height": 48})
-        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 7, "bbox": [4, 4, 20, 10], "area": 200,
-                            "iscrowd": 0})  # fmt: skip
+        annotations.append(
+            {"id": i + 1, "image_id": i + 1, "category_id": 7, "bbox": [4, 4, 20, 10], "area": 200, "iscrowd": 0}
+        )
     categories = [{"id": 7, "name": "Table", "supercategory": "furniture"}, {"id": 1, "name": "person"}]
-    (folder / "labels.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                                    "categories": categories}))  # fmt: skip
+    (folder / "labels.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return folder
 
 
@@ -248,8 +286,12 @@ def review(project, database, tmp_path_factory):
     port = free_port()
     ours = [*copy_project(project, database, tmp_path), f"fiftyone.app.port={port}"]
     cfg = compose(ours)
-    job = {"action": "review-open", "overrides": ours, "app": True,
-           "models": resolve_models(cfg, [str(cfg.fiftyone.review.model)])}  # fmt: skip
+    job = {
+        "action": "review-open",
+        "overrides": ours,
+        "app": True,
+        "models": resolve_models(cfg, [str(cfg.fiftyone.review.model)]),
+    }
     app = run_job(job, wait=False)
     dataset = f"{cfg.fiftyone.dataset_prefix}-inbox"
     url = f"http://127.0.0.1:{port}/datasets/{dataset}"
@@ -265,8 +307,16 @@ def review(project, database, tmp_path_factory):
             pytest.fail(f"the App did not answer at {url} (exit code {app.poll()})")
         ids = _inbox_ids(tmp_path / "data")
         a, b, c = ids[:3]
-        facts = check("tag_for_review", overrides=ours, dataset=dataset, verify=[a, b], reject=[c],
-                      reason="not a page", drop_first_box_of=a, edit=b)  # fmt: skip
+        facts = check(
+            "tag_for_review",
+            overrides=ours,
+            dataset=dataset,
+            verify=[a, b],
+            reject=[c],
+            reason="not a page",
+            drop_first_box_of=a,
+            edit=b,
+        )
         yield Review(tmp_path / "data", ours, dataset, ids, url, facts["before"])
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -287,17 +337,25 @@ def chromium() -> str:
 
 def colour_pixels(image: np.ndarray, colour: str, tolerance: int = 12) -> int:
     """Pixels of ``image`` (H x W x RGB) within ``tolerance`` of ``colour`` ('#rrggbb') in every channel."""
-    rgb = np.array([int(colour.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4)])
+    rgb = np.array([int(colour.lstrip("#")[i : i + 2], 16) for i in (0, 2, 4)])
     return int((np.abs(image.astype(int) - rgb).max(axis=2) <= tolerance).sum())
 
 
 def test_the_app_shows_the_inbox_with_proposed_labels_and_review_tags(review, tmp_path):
     # when the App serves the review dataset the reviewer tagged (2 verified, 1 rejected)
     png = tmp_path / "app_inbox.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1920,1000",
-             "--virtual-time-budget=25000", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
-    subprocess.run([chromium(), *flags, f"--screenshot={png}", review.url], capture_output=True, timeout=180,
-                   check=True)  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1920,1000",
+        "--virtual-time-budget=25000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    subprocess.run(
+        [chromium(), *flags, f"--screenshot={png}", review.url], capture_output=True, timeout=180, check=True
+    )
     print(f"screenshot: {png}")
     # then the screenshot is the sample grid (many colours: page images, boxes, tag pills), not the splash
     image = Image.open(png).convert("RGB")
@@ -354,15 +412,28 @@ def test_a_killed_review_leaves_inbox_and_pool_consistent(project, database, tmp
     check("tag_for_review", overrides=overrides, dataset=dataset, verify=[a, b], reject=[c])
     # when the database process is killed mid-review, the tags made in the App survive
     database.kill_and_restart()
-    assert check("dataset_facts", overrides=overrides, dataset=dataset)["tags"] == {"inbox": 5, "verified": 2,
-                                                                                     "rejected": 1}
+    assert check("dataset_facts", overrides=overrides, dataset=dataset)["tags"] == {
+        "inbox": 5,
+        "verified": 2,
+        "rejected": 1,
+    }
     # when the commit is killed (SIGKILL) right after the pool records, before the inbox is cleaned
     job = tmp_path / "commit.json"
-    job.write_text(json.dumps({"action": "review-commit", "overrides": overrides, "reviewer": "bob",
-                               "result": str(tmp_path / "commit-result.json")}))  # fmt: skip
-    killer = ("import os, signal, sys; import detloop.data.review as r; "
-              "r.remove_from_inbox = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
-              "from detloop.fiftyone.job import main; sys.exit(main([sys.argv[1]]))")  # fmt: skip
+    job.write_text(
+        json.dumps(
+            {
+                "action": "review-commit",
+                "overrides": overrides,
+                "reviewer": "bob",
+                "result": str(tmp_path / "commit-result.json"),
+            }
+        )
+    )
+    killer = (
+        "import os, signal, sys; import detloop.data.review as r; "
+        "r.remove_from_inbox = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+        "from detloop.fiftyone.job import main; sys.exit(main([sys.argv[1]]))"
+    )
     done = subprocess.run([sys.executable, "-c", killer, str(job)], cwd=ROOT, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL
     # then nothing is lost: a and b are in the pool with their files, and still listed in the inbox
@@ -386,7 +457,13 @@ def test_the_tutorial_notebook_runs_top_to_bottom(project, database, tmp_path):
     ours = [*overrides, "finetune.train.epochs=1", "finetune.train.plots=false"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DETLOOP_NOTEBOOK_OVERRIDES": json.dumps(ours)}
     notebook = ROOT / "notebooks" / "tutorial.ipynb"
-    done = subprocess.run([sys.executable, "-m", "tests.integration.run_notebook", str(notebook)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.integration.run_notebook", str(notebook)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     assert "OK: 8 code cells" in done.stdout and "pages worse" in done.stdout and "change" in done.stdout

@@ -54,9 +54,12 @@ def test_the_gate_compares_the_candidate_with_production_and_records_the_decisio
     assert cand["anchor_test"]["images"] == ref["anchor_test"]["images"] == 8
     assert cand["ab"]["images"] == 8  # the A/B sample: all 8 labelled images (size 100 > 8)
     assert record["sets"]["pool_holdout"]["images"] == len(
-        [r for r in map(json.loads, (base / "data/pool/manifest.jsonl").read_text().splitlines())
-         if r["split"] == "holdout"]
-    )  # fmt: skip
+        [
+            r
+            for r in map(json.loads, (base / "data/pool/manifest.jsonl").read_text().splitlines())
+            if r["split"] == "holdout"
+        ]
+    )
     regression = record["gates"]["regression"]
     assert regression["drop"] == pytest.approx((ref["anchor_test"]["map50"] - cand["anchor_test"]["map50"]) * 100)
     # and the decision is a DVC metric, version tags, MLflow metrics and a report on the candidate's run
@@ -126,15 +129,27 @@ def test_every_job_of_a_finetune_sweep_is_gated_under_one_parent_run(project):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     run_mix(compose([*overrides, "trigger.force=true"]))
     done = subprocess.run(
-        [sys.executable, "-m", "detloop.finetune", "-m", "finetune.train.lr0=0.001,0.01", "trigger.force=true",
-         *overrides, f"hydra.sweep.dir={base / 'sweep'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "detloop.finetune",
+            "-m",
+            "finetune.train.lr0=0.001,0.01",
+            "trigger.force=true",
+            *overrides,
+            f"hydra.sweep.dir={base / 'sweep'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = compose(overrides)
     sweep_dir = str(base / "sweep")
     swept = [
-        v for v in registry.versions(cfg)
+        v
+        for v in registry.versions(cfg)
         if v["tags"].get("kind") == "finetune"
         and mlflow.get_run(v["run_id"]).data.tags.get("detloop.sweep_dir") == sweep_dir
     ]

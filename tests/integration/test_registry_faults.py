@@ -63,8 +63,13 @@ for uri in uris:
 
 def start(code: str, *args: str) -> subprocess.Popen:
     """A worker process, returned once it printed ``ready``."""
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     if line.strip() != "ready":
         proc.kill()
@@ -213,11 +218,17 @@ def test_promote_stage_promotion_and_rollback_through_a_server(server, registry_
     v1, v2, v3 = gated_versions(cfg, 2)
     name = cfg.mlflow.registered_model
     # the stage promotes a passing fine-tune
-    write_json(stage_dir(cfg, "gate") / "decision.json", {
-        "skipped": False, "decision": "pass", "summary": "pass",
-        "candidate": {"name": name, "version": v2, "kind": "finetune", "run_id": ""},
-        "production": {"version": v1, "alias": "production"}, "figures": {"gate.regression.drop": 0.1},
-    })  # fmt: skip
+    write_json(
+        stage_dir(cfg, "gate") / "decision.json",
+        {
+            "skipped": False,
+            "decision": "pass",
+            "summary": "pass",
+            "candidate": {"name": name, "version": v2, "kind": "finetune", "run_id": ""},
+            "production": {"version": v1, "alias": "production"},
+            "figures": {"gate.regression.drop": 0.1},
+        },
+    )
     assert run_promote(cfg)["finetune"]["to"] == v2
     # a human promotes the next one, then rolls back twice
     assert promote_version(cfg, v3, reviewer="a.chen", reason="reviewed")["from"] == v2
@@ -225,6 +236,10 @@ def test_promote_stage_promotion_and_rollback_through_a_server(server, registry_
     assert rollback(cfg, reviewer="ops", reason="alerts again")["to"] == v1
     assert production_versions(cfg) == [v1]
     trail = [(m["from_version"], m["to_version"], m["decision"], m["who"]) for m in registry.history(cfg)]
-    assert trail[1:] == [(v1, v2, "pass", trail[1][3]), (v2, v3, "promote", "a.chen"),
-                         (v3, v2, "rollback", "ops"), (v2, v1, "rollback", "ops")]  # fmt: skip
+    assert trail[1:] == [
+        (v1, v2, "pass", trail[1][3]),
+        (v2, v3, "promote", "a.chen"),
+        (v3, v2, "rollback", "ops"),
+        (v2, v1, "rollback", "ops"),
+    ]
     assert registry.versions(cfg)[0]["tags"]["rolled_back"] == "true"

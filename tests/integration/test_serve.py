@@ -46,8 +46,13 @@ def project(tmp_path_factory, tiny_data):
     """Given a tiny project (anchor, pool, inbox) whose registry holds v1 (production) and v2."""
     base = tmp_path_factory.mktemp("serve")
     shutil.copytree(tiny_data, base / "data")
-    overrides = [*tiny_overrides(base), "serve.poll_seconds=0.5", "serve.limits.max_body_bytes=3000000",
-                 "serve.limits.max_pixels=1000000", "monitor.mlflow.log=false"]  # fmt: skip
+    overrides = [
+        *tiny_overrides(base),
+        "serve.poll_seconds=0.5",
+        "serve.limits.max_body_bytes=3000000",
+        "serve.limits.max_pixels=1000000",
+        "monitor.mlflow.log=false",
+    ]
     cfg = compose(overrides)
     names = anchor_classes(base / "data")
     v1 = register_detector(cfg, detector_weights(base / "v1.pt", names, hot_class=0))
@@ -61,8 +66,9 @@ def server(project):
     """``detloop serve`` on a free loopback port, stopped (SIGTERM) at the end of the module."""
     port = free_port()
     stderr = open(project["base"] / "serve.log", "w")  # noqa: SIM115  (closed below)
-    proc = subprocess.Popen([DETLOOP, "serve", "--port", str(port), *project["overrides"]],
-                            stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+    proc = subprocess.Popen(
+        [DETLOOP, "serve", "--port", str(port), *project["overrides"]], stdout=subprocess.DEVNULL, stderr=stderr
+    )
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, "detloop serve", timeout=180, log=project["base"] / "serve.log")
     yield {"url": url, "proc": proc}
@@ -123,12 +129,32 @@ def test_mlflow_models_serve_gives_the_same_predictions_for_the_same_request(pro
     payload = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(page_bytes(15))]]}}).encode()
     ours = post(server, "/invocations", payload).json()
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": runs.tracking_uri(project["cfg"]),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": runs.tracking_uri(project["cfg"]),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
     uri = f"models:/{project['cfg'].mlflow.registered_model}/{project['v1']}"
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri, "-p", str(port),
-                             "-h", "127.0.0.1", "--env-manager", "local", "-w", "1"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            uri,
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "--env-manager",
+            "local",
+            "-w",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -137,8 +163,12 @@ def test_mlflow_models_serve_gives_the_same_predictions_for_the_same_request(pro
                     break
             except requests.RequestException:
                 time.sleep(0.5)
-        theirs = requests.post(f"http://127.0.0.1:{port}/invocations", data=payload, timeout=60,
-                               headers={"Content-Type": "application/json"}).json()  # fmt: skip
+        theirs = requests.post(
+            f"http://127.0.0.1:{port}/invocations",
+            data=payload,
+            timeout=60,
+            headers={"Content-Type": "application/json"},
+        ).json()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -155,15 +185,23 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(pr
         (b'{"dataframe_split": {', "application/json", 400, "malformed JSON"),
         (b"plain text", "text/plain", 415, "unsupported Content-Type"),
         (json.dumps({"dataframe_records": [{"img": b64(page)}]}).encode(), "application/json", 400, "column 'image'"),
-        (json.dumps({"dataframe_records": [{"image": "not base64!"}]}).encode(), "application/json", 400,
-         "row 0: 'image' is not valid base64"),
-        (json.dumps({"inputs": {"image": [b64(b"GIF89a not really")]}}).encode(), "application/json", 400,
-         "row 0: not a decodable image"),
+        (
+            json.dumps({"dataframe_records": [{"image": "not base64!"}]}).encode(),
+            "application/json",
+            400,
+            "row 0: 'image' is not valid base64",
+        ),
+        (
+            json.dumps({"inputs": {"image": [b64(b"GIF89a not really")]}}).encode(),
+            "application/json",
+            400,
+            "row 0: not a decodable image",
+        ),
         (json.dumps({"inputs": {"image": [b64(page[:-400])]}}).encode(), "application/json", 400, "row 0: truncated"),
         (page[:-400], "image/jpeg", 400, "body: truncated"),
         (big, "image/png", 413, "serve.limits.max_pixels=1000000"),
         (b"x" * 3_000_001, "application/json", 413, "serve.limits.max_body_bytes=3000000"),
-    ]  # fmt: skip
+    ]
     for data, content_type, status, message in cases:
         answer = post(server, "/invocations", data, content_type)
         assert answer.status_code == status, (message, answer.text)
@@ -266,8 +304,16 @@ def test_a_promotion_and_a_rollback_are_served_without_a_restart(project, server
 def test_the_monitor_alerts_when_the_served_model_stops_finding_a_class(project, capsys):
     # the window in which v2 served: it finds names[1] in every image and names[0] in none
     since, until = (datetime.fromtimestamp(t, UTC).isoformat() for t in project["v2_window"])
-    args = ["monitor", "--since", since, "--until", until, *project["overrides"], "monitor.min_images=1",
-            "monitor.baseline.min_images=1"]  # fmt: skip
+    args = [
+        "monitor",
+        "--since",
+        since,
+        "--until",
+        until,
+        *project["overrides"],
+        "monitor.min_images=1",
+        "monitor.baseline.min_images=1",
+    ]
     assert main([*args, f"monitor.expected_classes=[{project['names'][0]}]"]) == 1
     out = capsys.readouterr().out
     assert f"ALERT [detection_rate] {project['names'][0]} detected in 0.00% of 25 images" in out

@@ -21,8 +21,11 @@ DET = {"class_id": 2, "class_name": "amount", "confidence": 0.9, "xc": 0.5, "yc"
 def project(overrides, data, tmp_path):
     """Given a log of 9 served images: 6 usable, one served twice, one anchor copy, one kept file gone,
     one without detections."""
-    ab = [f"serve.predlog=sqlite:///{tmp_path / 'predlog.db'}", f"serve.abset.inbox={tmp_path / 'ab/inbox'}",
-          f"serve.abset.verified={tmp_path / 'ab/verified'}"]  # fmt: skip
+    ab = [
+        f"serve.predlog=sqlite:///{tmp_path / 'predlog.db'}",
+        f"serve.abset.inbox={tmp_path / 'ab/inbox'}",
+        f"serve.abset.verified={tmp_path / 'ab/verified'}",
+    ]
     cfg = compose([*overrides, *ab])
     kept = tmp_path / "kept"
     kept.mkdir()
@@ -35,9 +38,18 @@ def project(overrides, data, tmp_path):
             path.write_bytes(raw)
         fields = predlog.detection_fields([] if i == 6 else [DET])
         for repeat in range(2 if i == 0 else 1):
-            records.append(predlog.Record(ts=1000.0 + i + repeat, request_id=f"r{i}-{repeat}", endpoint="invocations",
-                                          status=200, model_version="4", image_sha256=sha256_bytes(raw),
-                                          image_path=str(path), **fields))  # fmt: skip
+            records.append(
+                predlog.Record(
+                    ts=1000.0 + i + repeat,
+                    request_id=f"r{i}-{repeat}",
+                    endpoint="invocations",
+                    status=200,
+                    model_version="4",
+                    image_sha256=sha256_bytes(raw),
+                    image_path=str(path),
+                    **fields,
+                )
+            )
     records.append(predlog.Record(ts=2000.0, request_id="bad", endpoint="invocations", status=400, error="x"))
     store = predlog.open_log(cfg)
     store.write(records)

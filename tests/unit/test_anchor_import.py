@@ -63,15 +63,24 @@ def write_label(ds: Path, split: str, stem: str, text: str) -> Path:
 
 def make_dataset(ds: Path, seed: int = 0, names: object = NAMES, extra: dict | None = None) -> Path:
     """A valid dataset: train a (2 boxes), b (1 box); val c (1 box); test d (1 box), e (background)."""
-    labels = {"train": {"a": BOX + "1 0.2 0.3 0.1 0.2\n", "b": BOX}, "val": {"c": BOX},
-              "test": {"d": "1 0.5 0.5 1 1\n", "e": None}}
+    labels = {
+        "train": {"a": BOX + "1 0.2 0.3 0.1 0.2\n", "b": BOX},
+        "val": {"c": BOX},
+        "test": {"d": "1 0.5 0.5 1 1\n", "e": None},
+    }
     for i, (split, stems) in enumerate((s, st) for s, st in labels.items() for st in labels[s].items()):
         stem, text = stems
         write_image(ds / "images" / split / f"{stem}.jpg", seed * 100 + i)
         if text is not None:
             write_label(ds, split, stem, text)
-    data = {"path": ".", "train": "images/train", "val": "images/val", "test": "images/test",
-            "names": names, **(extra or {})}
+    data = {
+        "path": ".",
+        "train": "images/train",
+        "val": "images/val",
+        "test": "images/test",
+        "names": names,
+        **(extra or {}),
+    }
     (ds / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return ds
 
@@ -112,7 +121,11 @@ def test_valid_dataset_is_imported_with_matching_manifest(tmp_path, cfg, anchor)
         assert row["source"] == str(ds / "images" / split / f"{stem}.jpg")
     assert (anchor / "labels/train/a.txt").read_bytes() == (ds / "labels/train/a.txt").read_bytes()
     assert yaml.safe_load((anchor / "data.yaml").read_text()) == {  # no path: (Ultralytics reads . as CWD)
-        "train": "images/train", "val": "images/val", "test": "images/test", "names": {0: "cat", 1: "dog"}}
+        "train": "images/train",
+        "val": "images/val",
+        "test": "images/test",
+        "names": {0: "cat", 1: "dog"},
+    }
     assert summary["splits"] == {
         "train": {"images": 2, "labels": 2, "background": 0, "boxes": 3},
         "val": {"images": 1, "labels": 1, "background": 0, "boxes": 1},
@@ -156,8 +169,9 @@ def test_empty_label_file_is_a_background_image(tmp_path, cfg):
     assert summary["splits"]["train"] == {"images": 2, "labels": 1, "background": 1, "boxes": 2}
 
 
-@pytest.mark.parametrize("names", [["cat", "dog"], {0: "cat", 1: "dog"}, {1: "dog", 0: "cat"},
-                                   {"0": "cat", "1": "dog"}])
+@pytest.mark.parametrize(
+    "names", [["cat", "dog"], {0: "cat", 1: "dog"}, {1: "dog", 0: "cat"}, {"0": "cat", "1": "dog"}]
+)
 def test_names_as_list_or_dict(tmp_path, cfg, anchor, names):
     # given names written as a list or as an {id: name} map
     ds = make_dataset(tmp_path / "src", names=names)
@@ -174,8 +188,11 @@ def test_relative_path_is_relative_to_the_yaml_not_the_cwd(tmp_path, cfg, anchor
     (ds / "data.yaml").unlink()
     meta = ds / "meta"
     meta.mkdir()
-    (meta / "data.yaml").write_text(yaml.safe_dump(
-        {"path": "..", "train": "images/train", "val": "images/val", "test": "images/test", "names": NAMES}))
+    (meta / "data.yaml").write_text(
+        yaml.safe_dump(
+            {"path": "..", "train": "images/train", "val": "images/val", "test": "images/test", "names": NAMES}
+        )
+    )
     # and the CWD elsewhere (where ../images does not exist)
     elsewhere = tmp_path / "elsewhere" / "deeper"
     elsewhere.mkdir(parents=True)
@@ -268,8 +285,15 @@ def duplicate_across_train_and_test(ds: Path) -> tuple[str, ...]:
 
 
 BAD_CASES: list[Callable[[Path], tuple[str, ...]]] = [
-    corrupt_image, truncated_jpeg, jpeg_without_end_marker, label_with_4_fields, class_out_of_range,
-    coordinate_above_one, negative_width, missing_data_yaml, label_without_image,
+    corrupt_image,
+    truncated_jpeg,
+    jpeg_without_end_marker,
+    label_with_4_fields,
+    class_out_of_range,
+    coordinate_above_one,
+    negative_width,
+    missing_data_yaml,
+    label_without_image,
     duplicate_across_train_and_test,
 ]
 
@@ -293,8 +317,14 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path, cfg, break_it, previ
 def test_every_problem_is_reported_at_once(tmp_path, cfg):
     # given a dataset with several problems in different files
     ds = make_dataset(tmp_path / "src")
-    cases = [corrupt_image, label_with_4_fields, coordinate_above_one, label_without_image,
-             class_out_of_range, duplicate_across_train_and_test]  # the duplicate of a corrupt image too
+    cases = [
+        corrupt_image,
+        label_with_4_fields,
+        coordinate_above_one,
+        label_without_image,
+        class_out_of_range,
+        duplicate_across_train_and_test,
+    ]  # the duplicate of a corrupt image too
     expected = [case(ds) for case in cases]
     # when imported, then all of them are listed
     err = refused(ds, cfg)
@@ -361,16 +391,19 @@ def test_source_changed_after_validation_writes_nothing(tmp_path, anchor):
 # --------------------------------------------------------------------------- yolo_format units
 
 
-@pytest.mark.parametrize(("line", "expected"), [
-    ("0 0.5 0.5 0.2", "4 fields"),
-    ("0 0.5 0.5 0.2 0.2 0.3 0.3", "segment/polygon"),
-    ("zero 0.5 0.5 0.2 0.2", "'zero' is not a number"),
-    ("0 nan 0.5 0.2 0.2", "not a finite number"),
-    ("0.5 0.5 0.5 0.2 0.2", "class id 0.5 is not an integer"),
-    ("-1 0.5 0.5 0.2 0.2", "class id -1"),
-    ("0 0.5 -0.1 0.2 0.2", "yc=-0.1"),
-    ("0 0.5 0.5 0.2 0", "h=0 must be > 0"),
-])
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("0 0.5 0.5 0.2", "4 fields"),
+        ("0 0.5 0.5 0.2 0.2 0.3 0.3", "segment/polygon"),
+        ("zero 0.5 0.5 0.2 0.2", "'zero' is not a number"),
+        ("0 nan 0.5 0.2 0.2", "not a finite number"),
+        ("0.5 0.5 0.5 0.2 0.2", "class id 0.5 is not an integer"),
+        ("-1 0.5 0.5 0.2 0.2", "class id -1"),
+        ("0 0.5 -0.1 0.2 0.2", "yc=-0.1"),
+        ("0 0.5 0.5 0.2 0", "h=0 must be > 0"),
+    ],
+)
 def test_label_line_problems_name_file_and_line(tmp_path, line, expected):
     # given a label file whose second line is bad
     path = tmp_path / "labels" / "x.txt"
@@ -417,14 +450,17 @@ def test_unsupported_file_in_split_folder_is_refused(tmp_path, cfg):
     assert_problem(refused(ds, cfg), str(ds / "images/train/z.gif"), "unsupported format")
 
 
-@pytest.mark.parametrize(("data", "expected"), [
-    ("names: [a, b]\ntrain: images/train\nval: images/val\n", "key 'test' is missing"),
-    ("train: images/train\nval: images/val\ntest: images/test\n", "key 'names' is missing"),
-    ("names: [a, b\n", "invalid YAML"),
-    ("names: [a, b]\ntrain: images/train\nval: images/no\ntest: images/test\n", "images/no does not exist"),
-    ("names: {0: a, 2: b}\ntrain: images/train\nval: images/val\ntest: images/test\n", "ids must be 0..1"),
-    ("names: [a, no]\ntrain: images/train\nval: images/val\ntest: images/test\n", "names[1] = False"),
-])
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ("names: [a, b]\ntrain: images/train\nval: images/val\n", "key 'test' is missing"),
+        ("train: images/train\nval: images/val\ntest: images/test\n", "key 'names' is missing"),
+        ("names: [a, b\n", "invalid YAML"),
+        ("names: [a, b]\ntrain: images/train\nval: images/no\ntest: images/test\n", "images/no does not exist"),
+        ("names: {0: a, 2: b}\ntrain: images/train\nval: images/val\ntest: images/test\n", "ids must be 0..1"),
+        ("names: [a, no]\ntrain: images/train\nval: images/val\ntest: images/test\n", "names[1] = False"),
+    ],
+)
 def test_data_yaml_problems(tmp_path, cfg, data, expected):
     ds = make_dataset(tmp_path / "src")
     (ds / "data.yaml").write_text(data)

@@ -29,9 +29,7 @@ def test_anchor_import_of_a_missing_folder_exits_2_and_names_it(tmp_path, capsys
 
 
 def test_a_bad_override_key_is_reported_not_a_traceback(tmp_path):
-    done = subprocess.run(
-        [DETLOOP, "registry", "mlflow.no_such_key=1"], capture_output=True, text=True, cwd=ROOT
-    )
+    done = subprocess.run([DETLOOP, "registry", "mlflow.no_such_key=1"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
     assert "mlflow.no_such_key" in done.stderr and "Traceback" not in done.stderr
 

@@ -19,8 +19,16 @@ TINY = {"anchor": {"train": 24, "val": 8, "test": 8}, "pool": 12, "inbox": 4}
 
 
 def tiny_cfg(data: Path, *extra: str):
-    return compose(["experiment=tiny", f"paths.data={data}", f"paths.anchor={data}/anchor",
-                    f"paths.pool={data}/pool", f"paths.inbox={data}/inbox", *extra])
+    return compose(
+        [
+            "experiment=tiny",
+            f"paths.data={data}",
+            f"paths.anchor={data}/anchor",
+            f"paths.pool={data}/pool",
+            f"paths.inbox={data}/inbox",
+            *extra,
+        ]
+    )
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -123,8 +131,7 @@ def test_reported_failures_come_from_a_template_the_anchor_never_shows(written):
     # given the manifests of anchor, pool and inbox
     data, _ = written
     anchor = {row["source"] for row in read_manifest(data / "anchor/manifest.jsonl")}
-    reported = {row["source"] for name in ("pool", "inbox")
-                for row in read_manifest(data / name / "manifest.jsonl")}
+    reported = {row["source"] for name in ("pool", "inbox") for row in read_manifest(data / name / "manifest.jsonl")}
     # then no reported page shares a layout with the anchor
     assert reported and not reported & anchor
 
@@ -178,8 +185,9 @@ def test_changing_one_count_keeps_every_other_page(written, tmp_path):
     # then the shared pages are byte-identical
     for name in ("anchor-train-00023", "anchor-test-00007"):
         split = name.split("-")[1]
-        assert (other / "anchor/images" / split / f"{name}.jpg").read_bytes() == \
-            (data / "anchor/images" / split / f"{name}.jpg").read_bytes()
+        assert (other / "anchor/images" / split / f"{name}.jpg").read_bytes() == (
+            data / "anchor/images" / split / f"{name}.jpg"
+        ).read_bytes()
     assert tree(other / "pool") == {k: v for k, v in tree(data / "pool").items()}
 
 
@@ -239,9 +247,8 @@ def test_rotated_points_follow_the_rotated_image():
     image.putpixel((80, 20), 0)
     angle = 7.0
     # when the image and the point are rotated the same way
-    rotated = np.asarray(image.rotate(angle, resample=Image.Resampling.NEAREST, center=(50.5, 40.5),
-                                      fillcolor=255))
-    (x, y), = _rotate_points(np.array([[80.5, 20.5]]), angle, 50.5, 40.5)
+    rotated = np.asarray(image.rotate(angle, resample=Image.Resampling.NEAREST, center=(50.5, 40.5), fillcolor=255))
+    ((x, y),) = _rotate_points(np.array([[80.5, 20.5]]), angle, 50.5, 40.5)
     # then the dot lands where the point does
     ys, xs = np.nonzero(rotated < 128)
     assert abs(xs.mean() + 0.5 - x) <= 1 and abs(ys.mean() + 0.5 - y) <= 1

@@ -73,8 +73,16 @@ def pycocotools_map(gts: list[GroundTruth], dets: list[Detections], class_ids: l
         images.append({"id": image_id, "width": 640, "height": 640})
         for box, c in zip(gt.boxes.tolist(), gt.cls.tolist(), strict=True):
             b = xywh(box)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c, "bbox": b,
-                                "area": b[2] * b[3], "iscrowd": 0})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": c,
+                    "bbox": b,
+                    "area": b[2] * b[3],
+                    "iscrowd": 0,
+                }
+            )
         for box, c, score in zip(det.boxes.tolist(), det.cls.tolist(), det.conf.tolist(), strict=True):
             results.append({"image_id": image_id, "category_id": c, "bbox": xywh(box), "score": score})
     coco_gt = COCO()
@@ -128,9 +136,10 @@ def test_perfect_missing_and_empty_predictions():
     assert coco_map(gt, perfect, [0, 1])["map50_95"] == pytest.approx(1.0)  # pycocotools: 1 - 2e-16
     nothing = [Detections(np.zeros((0, 4)), [], [])] * 2
     assert coco_map(gt, nothing, [0, 1]) == {
-        "map50": 0.0, "map50_95": 0.0,
+        "map50": 0.0,
+        "map50_95": 0.0,
         "per_class": {0: {"ap50": 0.0, "ap50_95": 0.0, "n_gt": 1}, 1: {"ap50": 0.0, "ap50_95": 0.0, "n_gt": 1}},
-    }  # fmt: skip
+    }
     assert coco_map([gt[1]], [nothing[0]], [0])["map50"] == NO_GT
     with pytest.raises(ValueError, match="1 ground-truth images but 2"):
         coco_map(gt[:1], nothing, [0])

@@ -47,9 +47,13 @@ def _det(label, box, tags=()):
 
 
 def test_verified_labels_become_yolo_text_without_the_boxes_tagged_wrong():
-    dets = SimpleNamespace(detections=[_det("stamp", [0.1, 0.2, 0.3, 0.4]),
-                                       _det("date", [0.5, 0.5, 0.1, 0.1], ["wrong"]),
-                                       _det("title", [0.9, 0.9, 0.3, 0.3])])  # fmt: skip
+    dets = SimpleNamespace(
+        detections=[
+            _det("stamp", [0.1, 0.2, 0.3, 0.4]),
+            _det("date", [0.5, 0.5, 0.1, 0.1], ["wrong"]),
+            _det("title", [0.9, 0.9, 0.3, 0.3]),
+        ]
+    )
     text = yolo_text(dets, {"title": 0, "date": 1, "stamp": 4}, "wrong", "report-1")
     assert text.splitlines() == ["4 0.250000 0.400000 0.300000 0.400000", "0 0.950000 0.950000 0.100000 0.100000"]
     assert yolo_text(None, {}, "wrong", "report-1") == ""  # verified as empty: a background page
@@ -80,7 +84,8 @@ def test_fiftyone_refuses_to_load_after_mlflow_and_loads_before_it():
     after = "import mlflow\nfrom detloop.fiftyone.db import import_fiftyone\nimport_fiftyone()"
     done = subprocess.run([sys.executable, "-c", after], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "FiftyOneImportOrder" in done.stderr and "Import FiftyOne first" in done.stderr
-    before = ("from detloop.fiftyone.db import import_fiftyone\nfo = import_fiftyone()\nimport mlflow\n"
-              "print(fo.__version__)")
+    before = (
+        "from detloop.fiftyone.db import import_fiftyone\nfo = import_fiftyone()\nimport mlflow\nprint(fo.__version__)"
+    )
     done = subprocess.run([sys.executable, "-c", before], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "1.22.0", done.stderr[-2000:]

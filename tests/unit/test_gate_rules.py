@@ -22,8 +22,13 @@ def anchor(map50: float) -> dict:
 
 
 def holdout(rate: float, per_class: dict | None = None) -> dict:
-    return {"images": 32, "objects": 180, "detection_rate": rate, "detection_rate_any_class": min(1.0, rate + 0.05),
-            "detection_rate_per_class": per_class or {"title": rate}}  # fmt: skip
+    return {
+        "images": 32,
+        "objects": 180,
+        "detection_rate": rate,
+        "detection_rate_any_class": min(1.0, rate + 0.05),
+        "detection_rate_per_class": per_class or {"title": rate},
+    }
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ def test_valid_reports_are_copied_and_recorded_with_their_proposed_labels(tmp_pa
     assert result["counts"] == {"accepted": 2, "refused": 0, "with_labels": 1, "inbox_size": len(before) + 2}
     rows = read_manifest(data / "inbox/manifest.jsonl")
     assert rows[: len(before)] == before
-    new = {row["id"]: row for row in rows[len(before):]}
+    new = {row["id"]: row for row in rows[len(before) :]}
     assert new[ids[0]]["has_labels"] is True and new[ids[1]]["has_labels"] is False
     assert new[ids[0]]["source"] == str(labelled) and new[ids[0]]["note"] == "ticket 42"
     assert new[ids[0]]["reported_at"].endswith("Z") and len(new[ids[0]]["reported_at"]) == 20
@@ -104,8 +104,9 @@ def test_a_txt_list_of_image_paths_is_a_source(tmp_path, cfg):
     result = add_to_inbox(listing, cfg)
     # then the existing image is accepted and the missing one refused with list:line
     assert len(result["accepted"]) == 1
-    assert result["refused"] == [{"path": f"{listing}:3", "reason": f"image {tmp_path / 'pics/missing.jpg'} "
-                                  "does not exist"}]
+    assert result["refused"] == [
+        {"path": f"{listing}:3", "reason": f"image {tmp_path / 'pics/missing.jpg'} does not exist"}
+    ]
 
 
 # --------------------------------------------------------------------------- refusals

@@ -1,14 +1,14 @@
 """The package's layers, read from the source: imports only go down, no cycles, no stage imports a stage.
 
-    cli                                   commands (the `detloop` console script)
-    base evaluate mix finetune retrain gate promote      the pipeline stages: thin run(cfg)
-    production | fiftyone                 serving, monitoring, A/B set | inspection and App review
-    training                              train a model in one run and register it
-    evaluation                            one detection evaluator, the gate rules and report
-    tracking                              MLflow runs, the Model Registry, promotion and its audit trail
-    model                                 Ultralytics loading and the MLflow pyfunc contract
-    data                                  anchor, inbox, review, pool, mix rules, manifests, formats
-    core                                  config, errors, environment, stage entry point
+cli                                   commands (the `detloop` console script)
+base evaluate mix finetune retrain gate promote      the pipeline stages: thin run(cfg)
+production | fiftyone                 serving, monitoring, A/B set | inspection and App review
+training                              train a model in one run and register it
+evaluation                            one detection evaluator, the gate rules and report
+tracking                              MLflow runs, the Model Registry, promotion and its audit trail
+model                                 Ultralytics loading and the MLflow pyfunc contract
+data                                  anchor, inbox, review, pool, mix rules, manifests, formats
+core                                  config, errors, environment, stage entry point
 """
 
 from __future__ import annotations

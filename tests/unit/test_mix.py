@@ -39,8 +39,16 @@ def test_replay_is_fresh_per_pool_version_and_repeatable_for_one():
 
 
 def _trigger(n: int) -> pool.TriggerStatus:
-    return pool.TriggerStatus(pool_size=n, split_counts={}, new_samples=n, min_new_samples=50, triggered=True,
-                              reasons=["test"], forced=False, message="test")  # fmt: skip
+    return pool.TriggerStatus(
+        pool_size=n,
+        split_counts={},
+        new_samples=n,
+        min_new_samples=50,
+        triggered=True,
+        reasons=["test"],
+        forced=False,
+        message="test",
+    )
 
 
 @pytest.fixture

@@ -25,9 +25,13 @@ PER_DAY = 40
 @pytest.fixture
 def overrides(registry_overrides, tmp_path) -> list[str]:
     """A prediction log and data folder in tmp_path, the shared MLflow store, two expected classes."""
-    return [*registry_overrides, f"serve.predlog=sqlite:///{tmp_path / 'predlog.db'}",
-            "monitor.expected_classes=[title,date]", f"monitor.mlflow.experiment=monitor-{tmp_path.name}",
-            f"trigger.performance_flag={tmp_path / 'flag.json'}"]  # fmt: skip
+    return [
+        *registry_overrides,
+        f"serve.predlog=sqlite:///{tmp_path / 'predlog.db'}",
+        "monitor.expected_classes=[title,date]",
+        f"monitor.mlflow.experiment=monitor-{tmp_path.name}",
+        f"trigger.performance_flag={tmp_path / 'flag.json'}",
+    ]
 
 
 def seeded(overrides, last_week: dict | None = None, weekly_reports=(2, 2, 2, 2)):

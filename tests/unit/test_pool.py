@@ -40,9 +40,16 @@ def cfg(overrides):
 
 def with_pool(overrides: list[str], tmp_path: Path, size: int, *extra: str):
     """A config whose pool manifest has ``size`` verified rows (the trigger only reads rows)."""
-    rows = [{"id": f"report-{i:05d}", "sha256": f"{i:064x}", "reviewer": "a.chen",
-             "verified_at": "2025-02-01T00:00:00Z", "split": split_for(f"report-{i:05d}", SPLIT)}
-            for i in range(size)]  # fmt: skip
+    rows = [
+        {
+            "id": f"report-{i:05d}",
+            "sha256": f"{i:064x}",
+            "reviewer": "a.chen",
+            "verified_at": "2025-02-01T00:00:00Z",
+            "split": split_for(f"report-{i:05d}", SPLIT),
+        }
+        for i in range(size)
+    ]
     write_manifest(tmp_path / "synthetic-pool" / "manifest.jsonl", rows)
     return compose([*overrides, f"paths.pool={tmp_path / 'synthetic-pool'}", *extra])
 
@@ -155,8 +162,9 @@ def test_the_schedule_still_needs_min_new_samples(overrides, tmp_path):
     status = pool.trigger_status(cfg, last(100, days_ago=10), now=NOW)
     # then the schedule is due but does not trigger, and says why
     assert not status.triggered
-    assert any(r.startswith("schedule: due (10.0 days") and "never fine-tune on fewer than 50" in r
-               for r in status.reasons)  # fmt: skip
+    assert any(
+        r.startswith("schedule: due (10.0 days") and "never fine-tune on fewer than 50" in r for r in status.reasons
+    )
     # and with 60 new samples it triggers
     status = pool.trigger_status(cfg, last(63, days_ago=10), now=NOW)
     assert status.triggered and status.triggers["schedule"]
@@ -171,8 +179,12 @@ def test_a_performance_flag_triggers_with_at_least_one_new_sample(overrides, tmp
     cfg = with_pool(overrides, tmp_path, 101)
     # when there is one new sample, it triggers and names the reason
     status = pool.trigger_status(cfg, last(100), now=NOW)
-    assert status.triggered and status.triggers == {"volume": False, "schedule": False, "performance": True,
-                                                    "force": False}
+    assert status.triggered and status.triggers == {
+        "volume": False,
+        "schedule": False,
+        "performance": True,
+        "force": False,
+    }
     assert any("title detection rate 0.82 < 0.90" in r for r in status.reasons)
     assert status.message == "fine-tune due (performance): 1/50 new verified samples"
     # and with none, it does not

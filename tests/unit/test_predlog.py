@@ -27,8 +27,13 @@ def table(rows):
 
 def test_detection_fields_summarise_one_images_pyfunc_rows():
     # given the pyfunc output rows of one image: two titles and a date
-    rows = table([[0, 0, "title", 0.91234567, 0.5, 0.1, 0.4, 0.05], [0, 0, "title", 0.5, 0.5, 0.3, 0.4, 0.05],
-                  [0, 1, "date", 0.75, 0.8, 0.1, 0.1, 0.02]]).to_dict("records")  # fmt: skip
+    rows = table(
+        [
+            [0, 0, "title", 0.91234567, 0.5, 0.1, 0.4, 0.05],
+            [0, 0, "title", 0.5, 0.5, 0.3, 0.4, 0.05],
+            [0, 1, "date", 0.75, 0.8, 0.1, 0.1, 0.02],
+        ]
+    ).to_dict("records")
     fields = predlog.detection_fields(rows)
     # then the counts, the confidence sum, each class once and the rounded boxes are kept
     assert fields["n_detections"] == 3
@@ -36,22 +41,41 @@ def test_detection_fields_summarise_one_images_pyfunc_rows():
     assert fields["classes"] == "|title|date|"
     assert predlog.parse_detections(fields["detections"])[0] == [0, 0.9123, 0.5, 0.1, 0.4, 0.05]
     # and an image without detections
-    assert predlog.detection_fields([]) == {"n_detections": 0, "confidence_sum": 0.0, "classes": "",
-                                            "detections": "[]"}  # fmt: skip
+    assert predlog.detection_fields([]) == {"n_detections": 0, "confidence_sum": 0.0, "classes": "", "detections": "[]"}
 
 
 def test_a_record_round_trips_and_class_matching_is_exact(store):
     dets = [{"class_id": 2, "class_name": "line_item", "confidence": 0.8, "xc": 0.5, "yc": 0.5, "w": 0.1, "h": 0.1}]
-    store.write([predlog.Record(ts=100.0, request_id="r1", endpoint="invocations", status=200, model_version="3",
-                                latency_ms=12.5, request_ms=12.5, batch_size=1, image_sha256="a" * 64,
-                                **predlog.detection_fields(dets)),
-                 predlog.Record(ts=101.0, request_id="r2", endpoint="invocations", status=400, model_version="3",
-                                error="row 0: not a decodable image")])  # fmt: skip
+    store.write(
+        [
+            predlog.Record(
+                ts=100.0,
+                request_id="r1",
+                endpoint="invocations",
+                status=200,
+                model_version="3",
+                latency_ms=12.5,
+                request_ms=12.5,
+                batch_size=1,
+                image_sha256="a" * 64,
+                **predlog.detection_fields(dets),
+            ),
+            predlog.Record(
+                ts=101.0,
+                request_id="r2",
+                endpoint="invocations",
+                status=400,
+                model_version="3",
+                error="row 0: not a decodable image",
+            ),
+        ]
+    )
     rows = store.rows()
     assert [r["request_id"] for r in rows] == ["r1", "r2"]
     assert rows[0]["classes"] == "|line_item|" and rows[1]["error"] == "row 0: not a decodable image"
     assert store.count(status=400) == 1 and store.rows(since=100.5) == [rows[1]]
     with store.engine.connect() as conn:
+
         def matches(name: str) -> int:
             query = sa.select(sa.func.count()).where(predlog.detected(name))
             return conn.execute(query.select_from(predlog.predictions)).scalar_one()
@@ -96,4 +120,3 @@ def test_the_log_lives_under_build_by_default_or_at_the_configured_uri(tmp_path,
 def test_a_malformed_uri_is_bad_input(tmp_path):
     with pytest.raises(BadInput, match="serve.predlog: 'not a uri' is not a SQLAlchemy database URI"):
         predlog.PredictionLog("not a uri")
-

@@ -57,9 +57,12 @@ def tags_of(cfg, version: str) -> dict:
 
 def audit_runs(cfg) -> list:
     """The audit runs of this test's model, oldest first."""
-    return mlflow.search_runs(experiment_names=[cfg.mlflow.audit_experiment], output_format="list",
-                              filter_string=f"tags.`audit.model` = '{cfg.mlflow.registered_model}'",
-                              order_by=["attributes.start_time ASC"])  # fmt: skip
+    return mlflow.search_runs(
+        experiment_names=[cfg.mlflow.audit_experiment],
+        output_format="list",
+        filter_string=f"tags.`audit.model` = '{cfg.mlflow.registered_model}'",
+        order_by=["attributes.start_time ASC"],
+    )
 
 
 def moves(cfg, alias: str = "production") -> list[tuple[str, str, str]]:
@@ -248,8 +251,11 @@ def test_promote_refuses_a_rejected_version_unless_forced_and_records_the_force(
     assert tags["promote_reason"] == "hotfix for customer X" and tags["rollback_to"] == "1"
     last = registry.history(cfg)[-1]
     assert (last["who"], last["why"], last["decision"], last["forced"]) == (
-        "a.chen", "hotfix for customer X", "promote", True,
-    )  # fmt: skip
+        "a.chen",
+        "hotfix for customer X",
+        "promote",
+        True,
+    )
 
 
 def test_promoting_a_reviewed_version_takes_it_out_of_staging(registry_cfg):
@@ -377,8 +383,12 @@ def test_registry_table_and_json_show_the_gate_columns(registry_cfg, registry_ov
     candidate = gated(cfg, "pass")
     rows = registry.versions(cfg)
     assert rows[0]["decision"] == "pass"
-    assert rows[0]["gate"] == {"decision": "pass", "new_samples.detection_rate": "0.9333", "regression.drop": "0.4000",
-                               "time": "2026-01-01T00:00:00+00:00"}  # fmt: skip
+    assert rows[0]["gate"] == {
+        "decision": "pass",
+        "new_samples.detection_rate": "0.9333",
+        "regression.drop": "0.4000",
+        "time": "2026-01-01T00:00:00+00:00",
+    }
     table = registry.format_table(rows).splitlines()
     assert "gate1 drop" in table[0] and "gate2 rate" in table[0]
     assert table[1].split()[:7] == [candidate, "-", "finetune", "-", "pass", "0.40", "0.933"]

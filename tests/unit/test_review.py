@@ -70,7 +70,8 @@ def test_accept_moves_exactly_the_chosen_samples_with_reviewer_time_split_and_la
     for row in new_rows:
         source = inbox_rows[row["id"]]
         assert {k: row[k] for k in ("sha256", "source", "reported_at")} == {
-            k: source[k] for k in ("sha256", "source", "reported_at")}
+            k: source[k] for k in ("sha256", "source", "reported_at")
+        }
         assert row["reviewer"] == "a.chen" and row["decision"] == "accept"
         assert row["verified_at"].endswith("Z") and len(row["verified_at"]) == 20
         assert row["split"] == split_for(row["id"], dict(cfg.pool.split))
@@ -82,7 +83,8 @@ def test_accept_moves_exactly_the_chosen_samples_with_reviewer_time_split_and_la
     # and every file that was in the pool before is byte-identical
     after = snapshot(data / "pool")
     assert {k: after[k] for k in pool_before if k != "manifest.jsonl"} == {
-        k: v for k, v in pool_before.items() if k != "manifest.jsonl"}
+        k: v for k, v in pool_before.items() if k != "manifest.jsonl"
+    }
     # and the inbox no longer holds them (rows and files), the other two are untouched
     assert [row["id"] for row in read_manifest(data / "inbox/manifest.jsonl")] == ["report-00013", "report-00015"]
     assert sorted(p.stem for p in (data / "inbox/images").iterdir()) == ["report-00013", "report-00015"]
@@ -140,8 +142,12 @@ def test_reject_records_the_decision_and_keeps_the_files(cfg, data):
     # then the decision is recorded, the files moved to inbox/rejected/, and the pool is untouched
     [record] = read_manifest(data / "inbox/rejected.jsonl")
     assert {k: record[k] for k in ("id", "sha256", "reviewer", "decision", "reason")} == {
-        "id": "report-00013", "sha256": row["sha256"], "reviewer": "s.ivanova", "decision": "reject",
-        "reason": "label noise"}
+        "id": "report-00013",
+        "sha256": row["sha256"],
+        "reviewer": "s.ivanova",
+        "decision": "reject",
+        "reason": "label noise",
+    }
     assert record["reviewed_at"].endswith("Z")
     assert (data / "inbox/rejected/report-00013.jpg").read_bytes() == image
     assert (data / "inbox/rejected/report-00013.txt").is_file()

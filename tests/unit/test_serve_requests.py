@@ -47,13 +47,16 @@ def refused(data: bytes, content_type: str | None = JSON, limits: Limits = LIMIT
     return info.value
 
 
-@pytest.mark.parametrize("payload", [
-    {"dataframe_split": {"columns": ["image"], "data": [["A"], ["B"]]}},
-    {"dataframe_records": [{"image": "A"}, {"image": "B"}]},
-    {"inputs": {"image": ["A", "B"]}},
-    {"inputs": [{"image": "A"}, {"image": "B"}]},
-    {"instances": [{"image": "A"}, {"image": "B"}]},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"dataframe_split": {"columns": ["image"], "data": [["A"], ["B"]]}},
+        {"dataframe_records": [{"image": "A"}, {"image": "B"}]},
+        {"inputs": {"image": ["A", "B"]}},
+        {"inputs": [{"image": "A"}, {"image": "B"}]},
+        {"instances": [{"image": "A"}, {"image": "B"}]},
+    ],
+)
 def test_every_mlflow_scoring_format_is_accepted(payload):
     pages = {"A": page_bytes(1), "B": page_bytes(2, fmt="PNG")}
     text = json.dumps(payload)
@@ -61,8 +64,10 @@ def test_every_mlflow_scoring_format_is_accepted(payload):
         text = text.replace(f'"{key}"', json.dumps(b64(raw)))
     images = parse_request(text.encode(), "application/json; charset=utf-8", LIMITS)
     assert [im.raw for im in images] == [pages["A"], pages["B"]]
-    assert [(im.format, im.width, im.height, im.suffix) for im in images] == [("jpeg", 96, 120, ".jpg"),
-                                                                               ("png", 96, 120, ".png")]
+    assert [(im.format, im.width, im.height, im.suffix) for im in images] == [
+        ("jpeg", 96, 120, ".jpg"),
+        ("png", 96, 120, ".png"),
+    ]
 
 
 def test_a_raw_image_body_is_one_image():
@@ -83,32 +88,50 @@ def big_png(size=(400, 400)) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("data", "content_type", "status", "message"), [
-    (b"", JSON, 400, "empty request: the body holds no data"),
-    (b'{"dataframe_split": ', JSON, 400, "malformed JSON: Expecting value at line 1 column 21"),
-    (b"\xff\xfe{}", JSON, 400, "malformed JSON: the body is not UTF-8 text"),
-    (b"[1, 2]", JSON, 400, "the JSON body must be an object"),
-    (body({"image": "x"}), JSON, 400, "needs exactly one of dataframe_split"),
-    (body({"dataframe_split": "x"}), JSON, 400, "dataframe_split: cannot be read as a table"),
-    (body({"dataframe_records": []}), JSON, 400, "the input table needs a column 'image'"),
-    (body({"inputs": {"image": []}}), JSON, 400, "no images in the request"),
-    (body({"dataframe_records": [{"img": "x"}]}), JSON, 400, "needs a column 'image'; got columns ['img']"),
-    (body({"dataframe_records": [{"image": 5}]}), JSON, 400, "row 0: 'image' must be a base64 string; got int"),
-    (body({"dataframe_records": [{"image": "/etc/passwd"}]}), JSON, 400,
-     "row 0: 'image' is not valid base64"),
-    (body({"dataframe_records": [{"image": b64(b"%PDF-1.4 not an image")}]}), JSON, 400,
-     "row 0: not a decodable image"),
-    (body({"dataframe_records": [{"image": b64(truncated_jpeg())}]}), JSON, 400, "row 0: truncated"),
-    (body({"dataframe_records": [{"image": b64(big_png())}]}), JSON, 413,
-     "row 0: image of 400x400 px is larger than serve.limits.max_pixels=100000"),
-    (body({"dataframe_records": [{"image": b64(page_bytes(5, (8, 8)))}]}), JSON, 400,
-     "row 0: image is 8x8 px, smaller than serve.limits.min_side=10 px"),
-    (body({"inputs": {"image": [b64(page_bytes(i)) for i in range(5)]}}), JSON, 413,
-     "5 images in one request; serve.limits.max_images=4"),
-    (b"hello", "text/plain", 415, "unsupported Content-Type 'text/plain'"),
-    (b"hello", None, 415, "unsupported Content-Type '(none)'"),
-    (b"hello", "image/png", 400, "body: not a decodable image"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("data", "content_type", "status", "message"),
+    [
+        (b"", JSON, 400, "empty request: the body holds no data"),
+        (b'{"dataframe_split": ', JSON, 400, "malformed JSON: Expecting value at line 1 column 21"),
+        (b"\xff\xfe{}", JSON, 400, "malformed JSON: the body is not UTF-8 text"),
+        (b"[1, 2]", JSON, 400, "the JSON body must be an object"),
+        (body({"image": "x"}), JSON, 400, "needs exactly one of dataframe_split"),
+        (body({"dataframe_split": "x"}), JSON, 400, "dataframe_split: cannot be read as a table"),
+        (body({"dataframe_records": []}), JSON, 400, "the input table needs a column 'image'"),
+        (body({"inputs": {"image": []}}), JSON, 400, "no images in the request"),
+        (body({"dataframe_records": [{"img": "x"}]}), JSON, 400, "needs a column 'image'; got columns ['img']"),
+        (body({"dataframe_records": [{"image": 5}]}), JSON, 400, "row 0: 'image' must be a base64 string; got int"),
+        (body({"dataframe_records": [{"image": "/etc/passwd"}]}), JSON, 400, "row 0: 'image' is not valid base64"),
+        (
+            body({"dataframe_records": [{"image": b64(b"%PDF-1.4 not an image")}]}),
+            JSON,
+            400,
+            "row 0: not a decodable image",
+        ),
+        (body({"dataframe_records": [{"image": b64(truncated_jpeg())}]}), JSON, 400, "row 0: truncated"),
+        (
+            body({"dataframe_records": [{"image": b64(big_png())}]}),
+            JSON,
+            413,
+            "row 0: image of 400x400 px is larger than serve.limits.max_pixels=100000",
+        ),
+        (
+            body({"dataframe_records": [{"image": b64(page_bytes(5, (8, 8)))}]}),
+            JSON,
+            400,
+            "row 0: image is 8x8 px, smaller than serve.limits.min_side=10 px",
+        ),
+        (
+            body({"inputs": {"image": [b64(page_bytes(i)) for i in range(5)]}}),
+            JSON,
+            413,
+            "5 images in one request; serve.limits.max_images=4",
+        ),
+        (b"hello", "text/plain", 415, "unsupported Content-Type 'text/plain'"),
+        (b"hello", None, 415, "unsupported Content-Type '(none)'"),
+        (b"hello", "image/png", 400, "body: not a decodable image"),
+    ],
+)
 def test_bad_input_is_refused_with_a_4xx_naming_the_problem(data, content_type, status, message):
     err = refused(data, content_type)
     assert err.status == status
@@ -143,9 +166,11 @@ def test_a_report_takes_json_with_a_note_or_a_raw_image():
 
 
 def test_proposed_labels_are_yolo_lines_without_degenerate_boxes():
-    dets = [{"class_id": 2, "xc": 0.5, "yc": 0.25, "w": 0.1, "h": 0.2},
-            {"class_id": 1, "xc": 0.5, "yc": 0.5, "w": 0.0, "h": 0.2},
-            {"class_id": 0, "xc": 1.0000004, "yc": 0.5, "w": 0.1, "h": 0.2}]  # fmt: skip
+    dets = [
+        {"class_id": 2, "xc": 0.5, "yc": 0.25, "w": 0.1, "h": 0.2},
+        {"class_id": 1, "xc": 0.5, "yc": 0.5, "w": 0.0, "h": 0.2},
+        {"class_id": 0, "xc": 1.0000004, "yc": 0.5, "w": 0.1, "h": 0.2},
+    ]
     assert yolo_lines(dets) == ["2 0.500000 0.250000 0.100000 0.200000", "0 1.000000 0.500000 0.100000 0.200000"]
 
 
@@ -214,13 +239,18 @@ def test_requests_queued_while_the_model_is_busy_are_scored_together_by_version_
     batcher = Batcher(max_images=3)
     v1, v2 = ServedModel("m", "1", model, "now"), ServedModel("m", "2", model, "now")
     image = {w: parse_request(page_bytes(w, (w, 40)), "image/jpeg", LIMITS)[0] for w in (40, 50)}
-    jobs = [(v1, [image[40]]),  # runs first and holds the model until the gate opens
-            (v1, [image[40]]), (v1, [image[40], image[40]]),  # same version and size: one call (3 images)
-            (v1, [image[40]]),  # would make 4 > max_images: next call
-            (v1, [image[50]]), (v2, [image[40]])]  # other size, other version: calls of their own
+    jobs = [
+        (v1, [image[40]]),  # runs first and holds the model until the gate opens
+        (v1, [image[40]]),
+        (v1, [image[40], image[40]]),  # same version and size: one call (3 images)
+        (v1, [image[40]]),  # would make 4 > max_images: next call
+        (v1, [image[50]]),
+        (v2, [image[40]]),
+    ]  # other size, other version: calls of their own
     results: dict[int, list] = {}
     threads = []
     for k, (served, images) in enumerate(jobs):
+
         def call(k=k, served=served, images=images):
             results[k] = batcher.predict(served, images)
 
@@ -235,7 +265,13 @@ def test_requests_queued_while_the_model_is_busy_are_scored_together_by_version_
     # then each request got its own rows back, and the 5 queued requests took 4 model calls
     assert model.calls == [1, 3, 1, 1, 1] and batcher.calls == 5
     assert [[[d["class_id"] for d in dets] for dets in results[k]] for k in range(6)] == [
-        [[40]], [[40]], [[40], [40]], [[40]], [[50]], [[40]]]
+        [[40]],
+        [[40]],
+        [[40], [40]],
+        [[40]],
+        [[50]],
+        [[40]],
+    ]
     assert [d["row"] for dets in results[2] for d in dets] == [0, 1]  # rows of the request, not of the batch
 
 

@@ -33,8 +33,10 @@ def cmd_inbox_add(args) -> int:
     labels = Path(args.labels) if args.labels else None
     result = add_to_inbox(Path(args.path), compose_args(args), labels=labels, note=args.note)
     counts = result["counts"]
-    print(f"inbox {result['inbox']}: accepted {counts['accepted']} ({counts['with_labels']} with proposed labels), "
-          f"refused {counts['refused']}; {counts['inbox_size']} sample(s) await review")
+    print(
+        f"inbox {result['inbox']}: accepted {counts['accepted']} ({counts['with_labels']} with proposed labels), "
+        f"refused {counts['refused']}; {counts['inbox_size']} sample(s) await review"
+    )
     for item in result["refused"]:
         print(f"refused {item['path']}: {item['reason']}", file=sys.stderr)
     return BadInput.exit_code if result["refused"] else 0

@@ -17,7 +17,6 @@ from detloop.core.errors import BadInput, TrackingUnavailable
 log = logging.getLogger("detloop")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detloop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,33 +57,43 @@ def _add_loop_parsers(sub) -> None:
     inbox = sub.add_parser("inbox", help="reported failures awaiting review")
     inbox_sub = inbox.add_subparsers(dest="inbox_command", required=True)
     p = inbox_sub.add_parser(
-        "add", help="add reported failure images (optionally with proposed labels) to the inbox; "
+        "add",
+        help="add reported failure images (optionally with proposed labels) to the inbox; "
         "exits 2 if any file is refused (the accepted ones are kept)",
     )
     p.add_argument("path", help="a folder of images (recursive), an image, or a .txt list of image paths")
-    p.add_argument("--labels", metavar="DIR", help="proposed labels as DIR/<image stem>.txt "
-                   "(default: beside the images, Ultralytics layout images/ -> labels/)")
+    p.add_argument(
+        "--labels",
+        metavar="DIR",
+        help="proposed labels as DIR/<image stem>.txt "
+        "(default: beside the images, Ultralytics layout images/ -> labels/)",
+    )
     p.add_argument("--note", help="a note recorded with every report of this batch")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_inbox_add)
 
     p = sub.add_parser("review", help="human review: accept inbox samples into the pool or reject them")
-    p.add_argument("decision", choices=["accept", "reject", "open", "commit", "annotate"],
-                   help="accept|reject IDs (file-based); open (App), commit (App tags -> pool), annotate (backend)")
+    p.add_argument(
+        "decision",
+        choices=["accept", "reject", "open", "commit", "annotate"],
+        help="accept|reject IDs (file-based); open (App), commit (App tags -> pool), annotate (backend)",
+    )
     p.add_argument("--app", action="store_true", help="open: serve the FiftyOne App and print the URL")
     p.add_argument("--model", help="open: version / alias proposing labels (default fiftyone.review.model)")
     p.add_argument("items", nargs="*", metavar="ID", help="inbox sample ids (and key=value overrides)")
     p.add_argument("--all", action="store_true", help="every sample waiting in the inbox")
     p.add_argument("--reviewer", help="who verified the samples (required)")
-    p.add_argument("--labels", metavar="DIR", help="accept: corrected labels as DIR/<id>.txt "
-                   "(default: the proposed inbox labels)")
+    p.add_argument(
+        "--labels", metavar="DIR", help="accept: corrected labels as DIR/<id>.txt (default: the proposed inbox labels)"
+    )
     p.add_argument("--reason", help="reject: why (recorded in inbox/rejected.jsonl)")
     p.set_defaults(func=cmd_review)
 
     pool = sub.add_parser("pool", help="the human-verified fine-tune pool")
     pool_sub = pool.add_subparsers(dest="pool_command", required=True)
-    p = pool_sub.add_parser("status", help="pool size, split counts, new samples since the last fine-tune, "
-                            "each trigger's state")
+    p = pool_sub.add_parser(
+        "status", help="pool size, split counts, new samples since the last fine-tune, each trigger's state"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_pool_status)
@@ -93,26 +102,32 @@ def _add_loop_parsers(sub) -> None:
 def _add_decision_parsers(sub) -> None:
     """``promote`` and ``rollback``: human decisions, recorded with who and why in the audit trail."""
     p = sub.add_parser(
-        "promote", help="give a version an alias (default production) after human review; needs the gate's record",
+        "promote",
+        help="give a version an alias (default production) after human review; needs the gate's record",
         description="Give VERSION an alias in one atomic registry call, recorded with reviewer and reason. "
         "Refuses (exit 2) a version without a gate record (tag gate.decision) or one the gate rejected, "
         "unless --force (recorded as forced). 'base' only goes to a base model.",
-    )  # fmt: skip
+    )
     p.add_argument("version", help="the registered model version, e.g. 3 (see detloop registry)")
     p.add_argument("--reviewer", required=True, help="who decides (recorded)")
     p.add_argument("--reason", required=True, help="why (recorded)")
     p.add_argument("--force", action="store_true", help="promote without a gate record or against a reject (recorded)")
-    p.add_argument("--alias", choices=["production", "staging", "base"], default="production",
-                   help="the alias to move (default: production)")  # fmt: skip
+    p.add_argument(
+        "--alias",
+        choices=["production", "staging", "base"],
+        default="production",
+        help="the alias to move (default: production)",
+    )
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser(
-        "rollback", help="give production back to the previous version (from the audit trail) or to --to VERSION",
+        "rollback",
+        help="give production back to the previous version (from the audit trail) or to --to VERSION",
         description="Walk back: production returns to the version that held it before the current one got it "
         "(two rollbacks go two versions back). The rolled-back version is tagged rolled_back=true. Exit 2 "
         "when there is no previous version.",
-    )  # fmt: skip
+    )
     p.add_argument("--to", metavar="VERSION", help="a version that served in production before")
     p.add_argument("--reviewer", help="who decides (default: the current user)")
     p.add_argument("--reason", help="why (recorded)")

@@ -34,10 +34,16 @@ def cmd_registry(args) -> int:
 def format_move(move: dict) -> str:
     """One audit record: time, alias, from -> to, who, decision, why (and forced / interrupted marks)."""
     target = f"v{move['to_version']}" if move["to_version"] else "-"
-    marks = "".join([" [forced]" if move.get("forced") else "",
-                     f" [{move['state']}]" if move.get("state", "done") != "done" else ""])  # fmt: skip
-    return (f"{move['time']}  {move['alias']:<10} v{move['from_version'] or '-'} -> {target}"
-            f"  by {move['who']} ({move['decision']}){marks}: {move['why']}")  # fmt: skip
+    marks = "".join(
+        [
+            " [forced]" if move.get("forced") else "",
+            f" [{move['state']}]" if move.get("state", "done") != "done" else "",
+        ]
+    )
+    return (
+        f"{move['time']}  {move['alias']:<10} v{move['from_version'] or '-'} -> {target}"
+        f"  by {move['who']} ({move['decision']}){marks}: {move['why']}"
+    )
 
 
 def cmd_promote(args) -> int:
@@ -46,8 +52,9 @@ def cmd_promote(args) -> int:
 
     cfg = compose_args(args)
     runs.setup(cfg)
-    result = promote_version(cfg, args.version, reviewer=args.reviewer, reason=args.reason, force=args.force,
-                             alias=args.alias)  # fmt: skip
+    result = promote_version(
+        cfg, args.version, reviewer=args.reviewer, reason=args.reason, force=args.force, alias=args.alias
+    )
     if not result["moved"]:
         print(f"{args.alias}: v{args.version} already holds it; nothing changed")
         return 0

@@ -22,6 +22,7 @@ TELEMETRY_OFF = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
+
 def project_root(start: Path | None = None) -> Path:
     """The project folder: ``DETLOOP_ROOT`` if set, else the nearest folder up with ``dvc.yaml``."""
     env = os.environ.get("DETLOOP_ROOT")

@@ -54,5 +54,3 @@ def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise BadInput(f"{what} not found: {path}", [f"{path}: run the stage that writes it first"])
     return json.loads(path.read_text())
-
-

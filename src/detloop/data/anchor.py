@@ -88,8 +88,9 @@ def import_anchor(source: Path, cfg: DictConfig, replace: bool = False) -> dict:
 # --------------------------------------------------------------------------- validation
 
 
-def plan_anchor(source: Path, target: Path, replace: bool = False,
-                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> AnchorPlan:
+def plan_anchor(
+    source: Path, target: Path, replace: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> AnchorPlan:
     """Validate the source dataset and the target; raise BadInput with every problem found."""
     problems = target_problems(target, replace)
     spec, yaml_problems = inspect_data_yaml(find_data_yaml(Path(os.path.abspath(source))))
@@ -105,8 +106,7 @@ def plan_anchor(source: Path, target: Path, replace: bool = False,
 
 
 def _refused(source: Path, problems: list[str]) -> BadInput:
-    return BadInput(f"{source}: not imported as the anchor, {len(problems)} problem(s); nothing was written",
-                    problems)
+    return BadInput(f"{source}: not imported as the anchor, {len(problems)} problem(s); nothing was written", problems)
 
 
 def target_problems(target: Path, replace: bool) -> list[str]:
@@ -114,8 +114,10 @@ def target_problems(target: Path, replace: bool) -> list[str]:
     if target.exists() and not target.is_dir():
         return [f"{target}: the anchor path exists and is not a folder"]
     if target.is_dir() and any(target.iterdir()) and not replace:
-        return [f"{target}: an anchor already exists and the anchor is permanent; "
-                "replace it explicitly (detloop anchor import PATH --replace)"]
+        return [
+            f"{target}: an anchor already exists and the anchor is permanent; "
+            "replace it explicitly (detloop anchor import PATH --replace)"
+        ]
     return []
 
 
@@ -153,8 +155,7 @@ def _split_images(spec: DataSpec) -> tuple[list[tuple[str, Path]], list[str]]:
     return pairs, problems
 
 
-def inspect_sample(split: str, image: Path, num_classes: int,
-                   max_pixels: int | None) -> tuple[AnchorSample, list[str]]:
+def inspect_sample(split: str, image: Path, num_classes: int, max_pixels: int | None) -> tuple[AnchorSample, list[str]]:
     """Check one image and its label file (a missing label file is a background image).
 
     The sample is returned even when it has problems, so that duplicates are found among all images.
@@ -162,8 +163,9 @@ def inspect_sample(split: str, image: Path, num_classes: int,
     problems = check_image(image, max_pixels)
     label = label_path_for(image)
     boxes, label_problems = parse_label_file(label, num_classes) if label.is_file() else ([], [])
-    sample = AnchorSample(split=split, image=image, label=label if label.is_file() else None,
-                          sha256=sha256_file(image), boxes=len(boxes))
+    sample = AnchorSample(
+        split=split, image=image, label=label if label.is_file() else None, sha256=sha256_file(image), boxes=len(boxes)
+    )
     return sample, problems + label_problems
 
 
@@ -174,13 +176,18 @@ def duplicate_problems(samples: Iterable[AnchorSample]) -> list[str]:
     for sample in samples:
         by_id[sample.id].append(sample)
         by_hash[sample.sha256].append(sample)
-    problems = [f"{_paths(group)}: same id {key!r} (file stems in a split must differ)"
-                for key, group in sorted(by_id.items()) if len(group) > 1]
+    problems = [
+        f"{_paths(group)}: same id {key!r} (file stems in a split must differ)"
+        for key, group in sorted(by_id.items())
+        if len(group) > 1
+    ]
     for digest, group in sorted(by_hash.items()):
         splits = sorted({s.split for s in group}, key=SPLITS.index)
         if len(splits) > 1:
-            problems.append(f"{_paths(group)}: identical image content in splits {' and '.join(splits)} "
-                            f"(leakage; sha256 {digest[:12]})")
+            problems.append(
+                f"{_paths(group)}: identical image content in splits {' and '.join(splits)} "
+                f"(leakage; sha256 {digest[:12]})"
+            )
         elif len(group) > 1:
             log.warning("identical images within split %s: %s", splits[0], _paths(group))
     return problems
@@ -223,8 +230,7 @@ def fill_anchor(folder: Path, plan: AnchorPlan) -> None:
             _copy_verified(sample.label, label)
         else:
             _write_bytes(label, b"")  # background image: an explicit, empty label file
-        rows.append({"id": sample.id, "split": sample.split, "sha256": sample.sha256,
-                     "source": str(sample.image)})
+        rows.append({"id": sample.id, "split": sample.split, "sha256": sample.sha256, "source": str(sample.image)})
     _write_bytes(folder / "data.yaml", anchor_data_yaml(plan.spec.names).encode("utf-8"))
     write_manifest(folder / MANIFEST, sorted(rows, key=lambda row: row["id"]))
     fsync_file(folder / MANIFEST)
@@ -247,15 +253,16 @@ def _copy_verified(source: Path, dest: Path, sha256: str | None = None) -> None:
     try:
         copy_atomic(source, dest, sha256)
     except ValueError as err:
-        raise BadInput("the source changed during the import; nothing was written",
-                       [f"{source}: content changed after it was validated"]) from err
+        raise BadInput(
+            "the source changed during the import; nothing was written",
+            [f"{source}: content changed after it was validated"],
+        ) from err
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     fsync_file(path)
-
 
 
 def _swap_in(staging: Path, target: Path) -> None:
@@ -286,10 +293,11 @@ def summarize(plan: AnchorPlan, target: Path) -> dict:
         counts["images"] += 1
         counts["labels" if sample.boxes else "background"] += 1
         counts["boxes"] += sample.boxes
-    return {"target": str(target), "source": str(plan.spec.yaml_path), "names": dict(plan.spec.names),
-            "splits": splits}
+    return {"target": str(target), "source": str(plan.spec.yaml_path), "names": dict(plan.spec.names), "splits": splits}
 
 
 def _counts_text(splits: dict) -> str:
-    return "; ".join(f"{split}: {c['images']} images ({c['background']} background), {c['boxes']} boxes"
-                     for split, c in splits.items())
+    return "; ".join(
+        f"{split}: {c['images']} images ({c['background']} background), {c['boxes']} boxes"
+        for split, c in splits.items()
+    )

@@ -110,9 +110,7 @@ def _fit_font(text: str, size: int, max_width: float, bold: bool = True, family:
 
 
 def _words(page: Page, n: int) -> str:
-    return " ".join(
-        "".join(page.pick("abcdefghijklmnoprstuvw") for _ in range(page.integer(2, 8))) for _ in range(n)
-    )
+    return " ".join("".join(page.pick("abcdefghijklmnoprstuvw") for _ in range(page.integer(2, 8))) for _ in range(n))
 
 
 def _date_text(page: Page) -> tuple[str, str, str]:
@@ -134,8 +132,17 @@ TITLE_WORDS = {
 }
 
 
-def draw_title(page: Page, x: float, y: float, text: str, size: int, max_width: float,
-               fill: RGB = (0, 0, 0), align: str = "l", family: str = "Sans") -> tuple:
+def draw_title(
+    page: Page,
+    x: float,
+    y: float,
+    text: str,
+    size: int,
+    max_width: float,
+    fill: RGB = (0, 0, 0),
+    align: str = "l",
+    family: str = "Sans",
+) -> tuple:
     """A big bold text line; ``align`` l/m/r places ``x`` at its left, middle or right."""
     font = _fit_font(text, size, max_width, family=family)
     box = _text(page, (x, y), text, font, fill, anchor=f"{align}t")
@@ -217,8 +224,14 @@ def draw_signature(page: Page, x: float, y: float, w: float, h: float, ink: RGB 
     page.draw.line(list(zip(xs.tolist(), ys.tolist(), strict=True)), fill=ink, width=width, joint="curve")
     base = y + h + page.integer(2, 5)
     page.draw.line((x - 4, base, x + w + 4, base), fill=_ink(page, 60, 120), width=1)
-    _text(page, (x, base + 2), page.pick(("Signature", "Signed", "Authorised by")),
-          _font(7), _ink(page, 60, 110), anchor="lt")
+    _text(
+        page,
+        (x, base + 2),
+        page.pick(("Signature", "Signed", "Authorised by")),
+        _font(7),
+        _ink(page, 60, 110),
+        anchor="lt",
+    )
     points = np.stack([xs, ys], axis=1)
     lo, hi = points.min(axis=0) - width, points.max(axis=0) + width
     page.add_box(SIGNATURE, lo[0], lo[1], hi[0], hi[1])
@@ -334,8 +347,9 @@ def template_form(page: Page) -> None:
     w, h = page.size
     m = page.integer(10, 18)
     date_x, title_x = w - m - page.integer(72, 82), m + page.integer(0, 8)
-    title = draw_title(page, title_x, page.integer(10, 20), page.pick(TITLE_WORDS["form"]),
-                       page.integer(18, 22), date_x - title_x - 10)
+    title = draw_title(
+        page, title_x, page.integer(10, 20), page.pick(TITLE_WORDS["form"]), page.integer(18, 22), date_x - title_x - 10
+    )
     y = draw_paragraph(page, m, title[3] + page.integer(5, 9), w * 0.55, page.integer(1, 3))
     if page.chance(0.9):
         draw_date(page, date_x, page.integer(26, 40), "comb", "above")
@@ -354,8 +368,13 @@ def template_form(page: Page) -> None:
         draw_signature(page, m + page.integer(4, 20), bottom - 10, sw, sh)
     if page.chance(0.7):
         d = page.integer(44, 60)
-        draw_stamp(page, w - m - d / 2 - page.integer(0, 40), bottom + page.integer(-12, 8), d,
-                   page.pick(((200, 30, 30), (30, 60, 180))))
+        draw_stamp(
+            page,
+            w - m - d / 2 - page.integer(0, 40),
+            bottom + page.integer(-12, 8),
+            d,
+            page.pick(((200, 30, 30), (30, 60, 180))),
+        )
 
 
 def template_invoice(page: Page) -> None:
@@ -363,8 +382,9 @@ def template_invoice(page: Page) -> None:
     w, h = page.size
     m = page.integer(10, 16)
     draw_logo(page, m, page.integer(10, 18), page.integer(18, 26))
-    title = draw_title(page, w - m, page.integer(12, 22), page.pick(TITLE_WORDS["invoice"]),
-                       page.integer(19, 24), w * 0.5, align="r")
+    title = draw_title(
+        page, w - m, page.integer(12, 22), page.pick(TITLE_WORDS["invoice"]), page.integer(19, 24), w * 0.5, align="r"
+    )
     draw_paragraph(page, m, page.integer(44, 52), w * 0.45, page.integer(2, 4))
     if page.chance(0.9):
         draw_date(page, w - m - page.integer(72, 80), title[3] + page.integer(14, 22), "comb", "left")
@@ -378,8 +398,13 @@ def template_invoice(page: Page) -> None:
     bottom = h - page.integer(36, 48)
     if page.chance(0.7):
         d = page.integer(46, 62)
-        draw_stamp(page, m + d / 2 + page.integer(0, 30), bottom - page.integer(0, 14), d,
-                   page.pick(((200, 30, 30), (30, 60, 180), (200, 30, 30))))
+        draw_stamp(
+            page,
+            m + d / 2 + page.integer(0, 30),
+            bottom - page.integer(0, 14),
+            d,
+            page.pick(((200, 30, 30), (30, 60, 180), (200, 30, 30))),
+        )
     if page.chance(0.85):
         sw = page.integer(70, 96)
         draw_signature(page, w - m - sw - page.integer(0, 12), bottom - 6, sw, page.integer(22, 30))
@@ -397,8 +422,9 @@ def template_receipt(page: Page) -> None:
     v = page.integer(236, 255)
     page.draw.rectangle((px, top, px + pw, bottom), fill=(v, v, v - page.integer(0, 10)))
     cx = px + pw / 2
-    title = draw_title(page, cx, top + page.integer(8, 14), page.pick(TITLE_WORDS["receipt"]),
-                       page.integer(16, 20), pw - 16, align="m")
+    title = draw_title(
+        page, cx, top + page.integer(8, 14), page.pick(TITLE_WORDS["receipt"]), page.integer(16, 20), pw - 16, align="m"
+    )
     y = draw_paragraph(page, px + 10, title[3] + 5, pw - 20, page.integer(1, 2))
     if page.chance(0.9):
         draw_date(page, px + page.integer(40, pw - 90), y + 16, "comb", "left")
@@ -416,8 +442,13 @@ def template_receipt(page: Page) -> None:
         draw_signature(page, px + 12, min(y + 4, bottom - 36), sw, page.integer(18, 24))
     if page.chance(0.6):
         d = page.integer(40, 54)
-        draw_stamp(page, px + pw - d / 2 - page.integer(4, 20), y - page.integer(10, 40), d,
-                   page.pick(((200, 30, 30), (30, 60, 180))))
+        draw_stamp(
+            page,
+            px + pw - d / 2 - page.integer(4, 20),
+            y - page.integer(10, 40),
+            d,
+            page.pick(((200, 30, 30), (30, 60, 180))),
+        )
 
 
 def template_delivery_note(page: Page) -> None:
@@ -426,9 +457,16 @@ def template_delivery_note(page: Page) -> None:
     w, h = page.size
     m = page.integer(12, 18)
     ink = (page.integer(10, 40), page.integer(10, 40), page.integer(30, 80))
-    title = draw_title(page, w / 2 + page.integer(-16, 16), page.integer(10, 18),
-                       page.pick(TITLE_WORDS["delivery_note"]), page.integer(18, 22), w - 2 * m,
-                       fill=ink, align="m")
+    title = draw_title(
+        page,
+        w / 2 + page.integer(-16, 16),
+        page.integer(10, 18),
+        page.pick(TITLE_WORDS["delivery_note"]),
+        page.integer(18, 22),
+        w - 2 * m,
+        fill=ink,
+        align="m",
+    )
     rule = title[3] + page.integer(4, 7)
     page.draw.line((m, rule, w - m, rule), fill=ink, width=page.integer(2, 3))
     y = rule + page.integer(8, 14)
@@ -450,8 +488,14 @@ def template_delivery_note(page: Page) -> None:
         draw_signature(page, sx, bottom - 14, sw, page.integer(20, 28), ink=(15, 15, 25))
     if page.chance(0.75):
         d = page.integer(42, 58)
-        draw_stamp(page, m + d / 2 + page.integer(0, 20), bottom - page.integer(20, 40), d,
-                   page.pick(((30, 140, 60), (120, 40, 150))), double=True)
+        draw_stamp(
+            page,
+            m + d / 2 + page.integer(0, 20),
+            bottom - page.integer(20, 40),
+            d,
+            page.pick(((30, 140, 60), (120, 40, 150))),
+            double=True,
+        )
 
 
 TEMPLATES: dict[str, Callable[[Page], None]] = {
@@ -476,8 +520,9 @@ def scan(page: Page, scan_cfg: Mapping) -> None:
     rng = page.rng
     angle = float(rng.uniform(-1, 1)) * float(scan_cfg["rotation"])
     bed = int(rng.integers(30, 90))
-    image = page.image.rotate(angle, resample=Image.Resampling.BICUBIC, center=(w / 2, h / 2),
-                              fillcolor=(bed, bed, bed))
+    image = page.image.rotate(
+        angle, resample=Image.Resampling.BICUBIC, center=(w / 2, h / 2), fillcolor=(bed, bed, bed)
+    )
     page.objects = [(cls, _rotate_points(pts, angle, w / 2, h / 2)) for cls, pts in page.objects]
     pixels = np.asarray(image, dtype=np.float32)
     contrast = float(rng.uniform(*scan_cfg["contrast"]))
@@ -515,8 +560,7 @@ def _yolo_labels(page: Page) -> tuple[bytes, tuple[int, ...]]:
         x1, y1 = np.clip(points.max(axis=0), 0, (w, h))
         if x1 - x0 < 2 or y1 - y0 < 2:
             continue
-        lines.append(f"{cls} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} "
-                     f"{(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}\n")
+        lines.append(f"{cls} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}\n")
         counts[cls] += 1
     return "".join(lines).encode("ascii"), tuple(counts)
 
@@ -554,8 +598,9 @@ def _anchor_files(demo: DictConfig, summary: dict) -> Files:
             sample_id = f"anchor-{split}-{index:05d}"
             files[f"images/{split}/{sample_id}.jpg"] = sample.image
             files[f"labels/{split}/{sample_id}.txt"] = sample.labels
-            rows.append({"id": sample_id, "split": split, "sha256": sha256_bytes(sample.image),
-                         "source": f"demo:{template}"})
+            rows.append(
+                {"id": sample_id, "split": split, "sha256": sha256_bytes(sample.image), "source": f"demo:{template}"}
+            )
             _count(summary, "anchor", split, sample)
     files["manifest.jsonl"] = "".join(manifest_line(r) for r in rows).encode("utf-8")
     files["data.yaml"] = _data_yaml().encode("utf-8")
@@ -576,8 +621,12 @@ def _failure_files(demo: DictConfig, pool_split: Mapping[str, float], summary: d
         sample_id = f"report-{index:05d}"
         every = float(failures.report_every_hours)
         hours = index * every + float(rng.uniform(0, every))
-        row = {"id": sample_id, "sha256": sha256_bytes(sample.image),
-               "source": f"demo:{failures.template}+scan", "reported_at": _timestamp(base, hours)}
+        row = {
+            "id": sample_id,
+            "sha256": sha256_bytes(sample.image),
+            "source": f"demo:{failures.template}+scan",
+            "reported_at": _timestamp(base, hours),
+        }
         target, rows = (pool, pool_rows) if index < n_pool else (inbox, inbox_rows)
         if index < n_pool:
             row["reviewer"] = REVIEWERS[int(rng.integers(len(REVIEWERS)))]
@@ -636,8 +685,7 @@ def _validate(cfg: DictConfig) -> None:
     try:
         datetime.strptime(str(demo.failures.reported_from), TIME_FORMAT)
     except ValueError:
-        problems.append(f"demo.failures.reported_from: expected {TIME_FORMAT}, "
-                        f"got {demo.failures.reported_from}")
+        problems.append(f"demo.failures.reported_from: expected {TIME_FORMAT}, got {demo.failures.reported_from}")
     if problems:
         raise BadInput("invalid demo config", problems)
 
@@ -679,12 +727,15 @@ def _differences(existing: Mapping[str, Path], files: Files) -> list[str]:
     extra = sorted(existing.keys() - files.keys())
     missing = sorted(files.keys() - existing.keys())
     changed = sorted(
-        rel for rel in existing.keys() & files.keys()
+        rel
+        for rel in existing.keys() & files.keys()
         if existing[rel].stat().st_size != len(files[rel]) or existing[rel].read_bytes() != files[rel]
     )
-    return ([f"{existing[rel]}: not part of the demo data set" for rel in extra]
-            + [f"{existing[rel]}: differs from the demo data set" for rel in changed]
-            + [f"{rel}: missing" for rel in missing])
+    return (
+        [f"{existing[rel]}: not part of the demo data set" for rel in extra]
+        + [f"{existing[rel]}: differs from the demo data set" for rel in changed]
+        + [f"{rel}: missing" for rel in missing]
+    )
 
 
 def _write_tree(folder: Path, files: Files) -> None:
@@ -756,8 +807,7 @@ def write_demo_data(cfg: DictConfig, root: Path | None = None) -> dict:
         return summary
     if existing and not cfg.demo.overwrite:
         raise BadInput(
-            f"{data} already holds other data; pass demo.overwrite=true to replace it "
-            f"(nothing was changed)",
+            f"{data} already holds other data; pass demo.overwrite=true to replace it (nothing was changed)",
             differences[:5] + ([f"... and {len(differences) - 5} more"] if len(differences) > 5 else []),
         )
     _replace(data, files)

@@ -101,11 +101,18 @@ def add_to_inbox(source: Path, cfg: DictConfig, labels: Path | None = None, note
         rows, failed = write_reports(reports, inbox, note)
         refused += failed
         data_version = record_data_version(cfg) if rows else None
-    result = {"accepted": [row["id"] for row in rows], "refused": refused, "inbox": str(inbox),
-              "counts": {"accepted": len(rows), "refused": len(refused),
-                         "with_labels": sum(bool(row["has_labels"]) for row in rows),
-                         "inbox_size": len(read_manifest(inbox / MANIFEST))},
-              "data_version": data_version}  # fmt: skip
+    result = {
+        "accepted": [row["id"] for row in rows],
+        "refused": refused,
+        "inbox": str(inbox),
+        "counts": {
+            "accepted": len(rows),
+            "refused": len(refused),
+            "with_labels": sum(bool(row["has_labels"]) for row in rows),
+            "inbox_size": len(read_manifest(inbox / MANIFEST)),
+        },
+        "data_version": data_version,
+    }
     log.info("inbox add from %s: %d accepted, %d refused", source, len(rows), len(refused))
     return result
 
@@ -122,8 +129,10 @@ def list_reports(source: Path, labels: Path | None) -> tuple[list[Path], list[di
     if labels is not None and not labels.is_dir():
         raise BadInput(f"{labels}: the labels folder does not exist; nothing was written")
     if not source.exists():
-        raise BadInput(f"{source}: does not exist; nothing was written",
-                       ["give a folder of images, an image file or a .txt list of image paths"])
+        raise BadInput(
+            f"{source}: does not exist; nothing was written",
+            ["give a folder of images, an image file or a .txt list of image paths"],
+        )
     if source.is_file() and is_image_name(source):
         return [source], []
     if source.is_file() and source.suffix.lower() != ".txt":
@@ -146,8 +155,12 @@ def _warn_unmatched_labels(images: list[Path], labels: Path) -> None:
     stems = {image.stem for image in images}
     unmatched = sorted(p.name for p in labels.glob("*.txt") if p.stem not in stems)
     if unmatched:
-        log.warning("%d label file(s) in %s match no image and are ignored: %s", len(unmatched), labels,
-                    ", ".join(unmatched[:10]))
+        log.warning(
+            "%d label file(s) in %s match no image and are ignored: %s",
+            len(unmatched),
+            labels,
+            ", ".join(unmatched[:10]),
+        )
 
 
 def proposed_label(image: Path, labels: Path | None) -> Path | None:
@@ -163,8 +176,11 @@ def anchor_num_classes(cfg: DictConfig) -> int:
     """The class count of the anchor's data.yaml: labels of reports are checked against it."""
     spec, problems = inspect_data_yaml(resolve_path(cfg, "anchor") / "data.yaml")
     if spec is None:
-        raise BadInput("the anchor dataset is missing or unusable (import it first: detloop anchor import PATH); "
-                       "nothing was written", problems)
+        raise BadInput(
+            "the anchor dataset is missing or unusable (import it first: detloop anchor import PATH); "
+            "nothing was written",
+            problems,
+        )
     return spec.num_classes
 
 
@@ -172,8 +188,9 @@ def known_content(cfg: DictConfig) -> KnownContent:
     """Content hashes of the inbox, the pool, the rejected reports and the anchor (by split)."""
     inbox, pool, anchor = (resolve_path(cfg, key) for key in ("inbox", "pool", "anchor"))
     if not (anchor / MANIFEST).is_file():
-        raise BadInput(f"{anchor / MANIFEST}: no anchor manifest, so test leakage cannot be checked; "
-                       "nothing was written")
+        raise BadInput(
+            f"{anchor / MANIFEST}: no anchor manifest, so test leakage cannot be checked; nothing was written"
+        )
     inbox_rows, pool_rows = read_manifest(inbox / MANIFEST), read_manifest(pool / MANIFEST)
     rejected_rows, anchor_rows = read_manifest(inbox / REJECTED_MANIFEST), read_manifest(anchor / MANIFEST)
     return KnownContent(
@@ -193,8 +210,9 @@ def _by_sha(rows: Iterable[Mapping]) -> dict[str, str]:
 # --------------------------------------------------------------------------- screening
 
 
-def screen_reports(images: list[Path], known: KnownContent, labels: Path | None, num_classes: int,
-                   inbox_cfg: DictConfig) -> tuple[list[Report], list[dict]]:
+def screen_reports(
+    images: list[Path], known: KnownContent, labels: Path | None, num_classes: int, inbox_cfg: DictConfig
+) -> tuple[list[Report], list[dict]]:
     """Check every image; return the reports to accept and the refusals (one per refused file)."""
     accepted: list[Report] = []
     refused: list[dict] = []
@@ -223,16 +241,20 @@ def duplicate_reasons(report: Report, known: KnownContent, first_seen: Mapping[s
     sha = report.sha256
     reasons = []
     if sha in known.anchor_test:
-        reasons.append(f"identical to anchor test image {known.anchor_test[sha]} "
-                       "(test leakage: the anchor test set must stay unseen)")
+        reasons.append(
+            f"identical to anchor test image {known.anchor_test[sha]} "
+            "(test leakage: the anchor test set must stay unseen)"
+        )
     if sha in known.inbox:
         reasons.append(f"duplicate of inbox sample {known.inbox[sha]} (already reported, awaiting review)")
     if sha in known.pool:
         reasons.append(f"duplicate of pool sample {known.pool[sha]} (already verified)")
     if sha in known.rejected:
         row = known.rejected[sha]
-        reasons.append(f"duplicate of {row['id']}, rejected by {row.get('reviewer')} at {row.get('reviewed_at')}"
-                       f" ({row.get('reason') or 'no reason given'})")
+        reasons.append(
+            f"duplicate of {row['id']}, rejected by {row.get('reviewer')} at {row.get('reviewed_at')}"
+            f" ({row.get('reason') or 'no reason given'})"
+        )
     if sha in first_seen:
         reasons.append(f"duplicate of {first_seen[sha]} in this batch")
     if not reasons and known.ids.get(report.id, sha) != sha:
@@ -256,8 +278,10 @@ def image_reasons(image: Path, min_side: int, max_pixels: int | None) -> list[st
 def label_reasons(report: Report, num_classes: int, stems: Mapping[str, int]) -> list[str]:
     """Problems of the proposed labels, each naming ``file:line``."""
     if stems.get(report.path.stem, 0) > 1:
-        return [f"{stems[report.path.stem]} images of this batch are named {report.path.stem}.*, "
-                "so labels matched by stem are ambiguous"]
+        return [
+            f"{stems[report.path.stem]} images of this batch are named {report.path.stem}.*, "
+            "so labels matched by stem are ambiguous"
+        ]
     if report.label is None:
         return []
     return [f"bad proposed labels: {problem}" for problem in check_label_file(report.label, num_classes)]
@@ -265,8 +289,11 @@ def label_reasons(report: Report, num_classes: int, stems: Mapping[str, int]) ->
 
 def _warn_anchor_copy(report: Report, known: KnownContent) -> None:
     if report.sha256 in known.anchor_other:
-        log.warning("%s is identical to anchor image %s (the model was trained on it); accepted",
-                    report.path, known.anchor_other[report.sha256])
+        log.warning(
+            "%s is identical to anchor image %s (the model was trained on it); accepted",
+            report.path,
+            known.anchor_other[report.sha256],
+        )
 
 
 def _progress(items: list, desc: str) -> Iterable:
@@ -308,10 +335,13 @@ def write_report_files(report: Report, inbox: Path) -> None:
 
 
 def inbox_row(report: Report, note: str | None) -> dict:
-    row = {"id": report.id, "sha256": report.sha256, "source": str(report.path), "reported_at": utc_now(),
-           "has_labels": report.label is not None}
+    row = {
+        "id": report.id,
+        "sha256": report.sha256,
+        "source": str(report.path),
+        "reported_at": utc_now(),
+        "has_labels": report.label is not None,
+    }
     if note:
         row["note"] = note
     return row
-
-

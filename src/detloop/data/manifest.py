@@ -111,8 +111,9 @@ def copy_atomic(source: Path, dest: Path, sha256: str | None = None) -> str:
             dst.flush()
             os.fsync(dst.fileno())
         if sha256 is not None and digest.hexdigest() != sha256:
-            raise ValueError(f"{source} changed after it was checked (sha256 {digest.hexdigest()[:12]}, "
-                             f"expected {sha256[:12]})")
+            raise ValueError(
+                f"{source} changed after it was checked (sha256 {digest.hexdigest()[:12]}, expected {sha256[:12]})"
+            )
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

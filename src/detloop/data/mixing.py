@@ -76,9 +76,11 @@ def build_mix(cfg: DictConfig, trigger: pool.TriggerStatus) -> dict:
     if not old_train or wanted <= 0:
         raise BadInput(
             "refusing to mix: no old data (never fine-tune on new data alone)",
-            [f"{anchor / 'images' / 'train'}: {len(old_train)} anchor train images; "
-             f"conf/mix ratios/max_old give {wanted} replay samples"],
-        )  # fmt: skip
+            [
+                f"{anchor / 'images' / 'train'}: {len(old_train)} anchor train images; "
+                f"conf/mix ratios/max_old give {wanted} replay samples"
+            ],
+        )
     pool_sha = manifest_hash(resolve_path(cfg, "pool") / MANIFEST)
     seed = replay_seed(int(cfg.mix.seed), pool_sha)
     replay = draw_replay(old_train, wanted, seed)

@@ -82,8 +82,11 @@ def pool_samples(cfg: DictConfig, split: str) -> list[Path]:
         raise BadInput(f"pool split {split!r} does not exist", [f"pool.split: {', '.join(cfg.pool.split)}"])
     images = _images_by_id(resolve_path(cfg, "pool") / "images")
     rows = [row for row in pool_rows(cfg) if row.get("split") == split]
-    missing = [f"{resolve_path(cfg, 'pool') / 'images'}/{row['id']}.*: image of pool sample {row['id']} is missing"
-               for row in rows if row["id"] not in images]  # fmt: skip
+    missing = [
+        f"{resolve_path(cfg, 'pool') / 'images'}/{row['id']}.*: image of pool sample {row['id']} is missing"
+        for row in rows
+        if row["id"] not in images
+    ]
     if missing:
         raise BadInput(f"the pool is incomplete: {len(missing)} image(s) missing", missing)
     return [images[row["id"]] for row in rows]
@@ -114,8 +117,9 @@ def check_reviewed(cfg: DictConfig) -> None:
             problems.append(f"{pool / MANIFEST}:{number}: labels of {row['id']} are missing from {pool / 'labels'}")
     known = Counter(row.get("id") for row in rows)
     problems += [f"{pool / MANIFEST}: id {key} appears {n} times" for key, n in known.items() if n > 1]
-    problems += [f"{path}: in the pool folder without a review record" for key, path in images.items()
-                 if key not in known]  # fmt: skip
+    problems += [
+        f"{path}: in the pool folder without a review record" for key, path in images.items() if key not in known
+    ]
     if problems:
         raise BadInput(f"{pool}: the pool holds unreviewed or incomplete samples", problems)
 
@@ -141,8 +145,15 @@ def retrain_status(cfg: DictConfig, last_base: dict | None) -> dict:
         message = f"base retrain due: {new} >= {threshold} new verified samples since {where}"
     else:
         message = f"base retrain waiting: {new}/{threshold} new verified samples since {where}"
-    return {"due": due, "forced": forced, "threshold": threshold, "pool_size": len(rows), "new_since_base": new,
-            "last_base": last_base, "message": message}  # fmt: skip
+    return {
+        "due": due,
+        "forced": forced,
+        "threshold": threshold,
+        "pool_size": len(rows),
+        "new_since_base": new,
+        "last_base": last_base,
+        "message": message,
+    }
 
 
 # --------------------------------------------------------------------------- trigger policy
@@ -164,14 +175,20 @@ def trigger_status(cfg: DictConfig, last_finetune: dict | None, now: datetime | 
     }
     forced = bool(cfg.trigger.force)
     reasons = [reason for _, reason in checks.values()]
-    reasons.append("force: trigger.force=true starts a fine-tune regardless of the policy" if forced
-                   else "force: off")  # fmt: skip
+    reasons.append("force: trigger.force=true starts a fine-tune regardless of the policy" if forced else "force: off")
     fired = {name: on for name, (on, _) in checks.items()} | {"force": forced}
     return TriggerStatus(
-        pool_size=len(rows), split_counts=split_counts(cfg, rows), new_samples=new, min_new_samples=minimum,
-        triggered=any(fired.values()), reasons=reasons, forced=forced,
-        message=trigger_message(fired, new, minimum), triggers=fired, last_finetune=last_finetune,
-    )  # fmt: skip
+        pool_size=len(rows),
+        split_counts=split_counts(cfg, rows),
+        new_samples=new,
+        min_new_samples=minimum,
+        triggered=any(fired.values()),
+        reasons=reasons,
+        forced=forced,
+        message=trigger_message(fired, new, minimum),
+        triggers=fired,
+        last_finetune=last_finetune,
+    )
 
 
 def new_samples(pool_size: int, last_finetune: dict | None) -> int:
@@ -180,8 +197,11 @@ def new_samples(pool_size: int, last_finetune: dict | None) -> int:
         return pool_size
     new = pool_size - int(last_finetune["pool_size"])
     if new < 0:
-        log.warning("the pool (%d) is smaller than at the last fine-tune (%s): it is append-only",
-                    pool_size, last_finetune["pool_size"])
+        log.warning(
+            "the pool (%d) is smaller than at the last fine-tune (%s): it is append-only",
+            pool_size,
+            last_finetune["pool_size"],
+        )
     return max(new, 0)
 
 
@@ -192,8 +212,9 @@ def volume_trigger(new: int, minimum: int) -> tuple[bool, str]:
     return False, f"volume: {new}/{minimum} new verified samples"
 
 
-def schedule_trigger(schedule_days: float | None, last_finetune: dict | None, new: int, minimum: int,
-                     now: datetime | None = None) -> tuple[bool, str]:
+def schedule_trigger(
+    schedule_days: float | None, last_finetune: dict | None, new: int, minimum: int, now: datetime | None = None
+) -> tuple[bool, str]:
     """By schedule: the period has passed since the last fine-tune, and there are enough new samples."""
     if schedule_days is None:
         return False, "schedule: off (trigger.schedule_days is null)"
@@ -202,8 +223,10 @@ def schedule_trigger(schedule_days: float | None, last_finetune: dict | None, ne
     if days is not None and days < float(schedule_days):
         return False, f"schedule: {since}, due after {schedule_days}"
     if new < minimum:
-        return False, (f"schedule: due ({since}) but only {new}/{minimum} new verified samples; "
-                       f"never fine-tune on fewer than {minimum}")
+        return False, (
+            f"schedule: due ({since}) but only {new}/{minimum} new verified samples; "
+            f"never fine-tune on fewer than {minimum}"
+        )
     return True, f"schedule: due ({since} >= {schedule_days}) with {new} >= {minimum} new verified samples"
 
 
@@ -287,8 +310,11 @@ def format_status(cfg: DictConfig, status: TriggerStatus, retrain: dict) -> str:
     """``detloop pool status`` for the terminal."""
     splits = ", ".join(f"{name} {n}" for name, n in status.split_counts.items())
     last = status.last_finetune
-    since = (f"since fine-tune v{last['version']} ({last['created']}, pool {last['pool_size']})" if last
-             else "no fine-tune yet")  # fmt: skip
+    since = (
+        f"since fine-tune v{last['version']} ({last['created']}, pool {last['pool_size']})"
+        if last
+        else "no fine-tune yet"
+    )
     lines = [
         f"pool: {status.pool_size} verified samples ({splits}) in {resolve_path(cfg, 'pool')}",
         f"new: {status.new_samples} ({since})",

@@ -78,8 +78,14 @@ def inbox_ids(cfg: DictConfig) -> list[str]:
     return [row["id"] for row in read_manifest(resolve_path(cfg, "inbox") / MANIFEST)]
 
 
-def review(cfg: DictConfig, decision: str, ids: list[str], reviewer: str, labels_dir: Path | None = None,
-           reason: str | None = None) -> dict:
+def review(
+    cfg: DictConfig,
+    decision: str,
+    ids: list[str],
+    reviewer: str,
+    labels_dir: Path | None = None,
+    reason: str | None = None,
+) -> dict:
     """Accept inbox samples into the pool or reject them, recording who decided and when.
 
     Raises BadInput listing every problem (unknown or already-reviewed ids, missing reviewer, missing
@@ -96,19 +102,30 @@ def review(cfg: DictConfig, decision: str, ids: list[str], reviewer: str, labels
         else:
             reject_from_inbox(inbox, items, reviewer.strip(), reason)
         data_version = record_data_version(cfg)
-    result = {"decision": decision, "ids": [item.id for item in items], "reviewer": reviewer.strip(),
-              "pool_size": len(read_manifest(resolve_path(cfg, "pool") / MANIFEST)),
-              "inbox_size": len(read_manifest(inbox / MANIFEST)), "data_version": data_version}  # fmt: skip
-    log.info("review %s by %s: %d sample(s) %s", decision, result["reviewer"], len(items),
-             "moved to the pool" if decision == "accept" else "rejected")
+    result = {
+        "decision": decision,
+        "ids": [item.id for item in items],
+        "reviewer": reviewer.strip(),
+        "pool_size": len(read_manifest(resolve_path(cfg, "pool") / MANIFEST)),
+        "inbox_size": len(read_manifest(inbox / MANIFEST)),
+        "data_version": data_version,
+    }
+    log.info(
+        "review %s by %s: %d sample(s) %s",
+        decision,
+        result["reviewer"],
+        len(items),
+        "moved to the pool" if decision == "accept" else "rejected",
+    )
     return result
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def plan_review(cfg: DictConfig, decision: str, ids: list[str], reviewer: str | None,
-                labels_dir: Path | None) -> list[ReviewItem]:
+def plan_review(
+    cfg: DictConfig, decision: str, ids: list[str], reviewer: str | None, labels_dir: Path | None
+) -> list[ReviewItem]:
     """Check the whole review request; return its items or raise BadInput with every problem."""
     problems = _request_problems(decision, ids, reviewer, labels_dir)
     state = read_state(cfg)
@@ -157,8 +174,9 @@ def read_state(cfg: DictConfig) -> ReviewState:
     )
 
 
-def plan_item(cfg: DictConfig, state: ReviewState, sample_id: str, labels_dir: Path | None,
-              accepting: bool) -> tuple[ReviewItem | None, list[str]]:
+def plan_item(
+    cfg: DictConfig, state: ReviewState, sample_id: str, labels_dir: Path | None, accepting: bool
+) -> tuple[ReviewItem | None, list[str]]:
     """One sample: it must wait in the inbox with its image intact (and, to accept, have labels)."""
     if sample_id in state.pool:
         return None, [f"{sample_id}: already in the pool (the pool is append-only; it is never reviewed again)"]
@@ -229,8 +247,16 @@ def accept_into_pool(cfg: DictConfig, items: list[ReviewItem], reviewer: str) ->
 def pool_row(item: ReviewItem, reviewer: str, split: str, labels_sha256: str) -> dict:
     """The pool manifest row of an accepted sample (its split is fixed here, once)."""
     row = {key: item.row[key] for key in ("id", "sha256", "source", "reported_at") if key in item.row}
-    row.update({"reviewer": reviewer, "verified_at": utc_now(), "decision": "accept", "split": split,
-                "labels_sha256": labels_sha256, "labels_from": "corrected" if item.corrected else "proposed"})
+    row.update(
+        {
+            "reviewer": reviewer,
+            "verified_at": utc_now(),
+            "decision": "accept",
+            "split": split,
+            "labels_sha256": labels_sha256,
+            "labels_from": "corrected" if item.corrected else "proposed",
+        }
+    )
     if item.row.get("note"):
         row["note"] = item.row["note"]
     return row
@@ -239,9 +265,19 @@ def pool_row(item: ReviewItem, reviewer: str, split: str, labels_sha256: str) ->
 def reject_from_inbox(inbox: Path, items: list[ReviewItem], reviewer: str, reason: str | None) -> None:
     """Record the rejections, then move the samples' files to ``inbox/rejected/``."""
     now = utc_now()
-    records = [{"id": item.id, "sha256": item.row["sha256"], "source": item.row.get("source"),
-                "reported_at": item.row.get("reported_at"), "reviewer": reviewer, "reviewed_at": now,
-                "decision": "reject", "reason": reason} for item in items]  # fmt: skip
+    records = [
+        {
+            "id": item.id,
+            "sha256": item.row["sha256"],
+            "source": item.row.get("source"),
+            "reported_at": item.row.get("reported_at"),
+            "reviewer": reviewer,
+            "reviewed_at": now,
+            "decision": "reject",
+            "reason": reason,
+        }
+        for item in items
+    ]
     append_manifest(inbox / REJECTED_MANIFEST, records)
     fsync_file(inbox / REJECTED_MANIFEST)
     remove_from_inbox(inbox, items, move_to=inbox / REJECTED_DIR)
@@ -277,5 +313,3 @@ def replace_text(path: Path, text: str) -> None:
 
 
 # --------------------------------------------------------------------------- data version
-
-

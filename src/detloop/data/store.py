@@ -24,7 +24,6 @@ from detloop.data.yolo_format import is_image_name
 log = logging.getLogger(__name__)
 
 
-
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # UTC, as in the demo manifests: 2025-01-06T13:55:11Z
 
 
@@ -85,12 +84,15 @@ def record_data_version(cfg: DictConfig) -> str | None:
         log.info("data version not recorded: %s does not exist (not tracked by DVC)", dvc_file)
         return None
     log.info("recording the new data version: dvc add %s (in %s)", relative, root)
-    done = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", relative], cwd=root,
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "add", "-q", relative], cwd=root, capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
-        raise RuntimeError(f"`dvc add {relative}` failed (exit {done.returncode}): "
-                           f"{(done.stderr or done.stdout).strip()}\nthe data change is complete; "
-                           f"record it by hand: cd {root} && dvc add {relative}")
+        raise RuntimeError(
+            f"`dvc add {relative}` failed (exit {done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()}\nthe data change is complete; "
+            f"record it by hand: cd {root} && dvc add {relative}"
+        )
     md5 = _dvc_md5(dvc_file)
     log.info("data version %s recorded in %s", md5, dvc_file.name)
     return md5

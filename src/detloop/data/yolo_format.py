@@ -235,8 +235,10 @@ def list_split_images(source: Path) -> tuple[list[Path], list[str]]:
         if is_image_name(path):
             images.append(path)
         elif not (path.suffix == ".txt" and label_path_for(path) == path):  # labels kept beside images
-            problems.append(f"{path}: unsupported format {path.suffix or '(no suffix)'!r} "
-                            f"(images must be one of: {', '.join(sorted(IMG_FORMATS))})")
+            problems.append(
+                f"{path}: unsupported format {path.suffix or '(no suffix)'!r} "
+                f"(images must be one of: {', '.join(sorted(IMG_FORMATS))})"
+            )
     return images, problems
 
 
@@ -303,8 +305,7 @@ def check_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
     """
     path = Path(path)
     if not is_image_name(path):
-        return [f"{path}: unsupported format {path.suffix!r} (images must be one of: "
-                f"{', '.join(sorted(IMG_FORMATS))})"]
+        return [f"{path}: unsupported format {path.suffix!r} (images must be one of: {', '.join(sorted(IMG_FORMATS))})"]
     try:
         with strict_pil(max_pixels):
             fmt, size = _decode(path)

@@ -520,7 +520,12 @@ def evaluate_set(
     result["timings"] = {"ground_truth_s": ground_truth_s, "inference_s": inference_s, **result["timings"]}
     log.info(
         "%s on %d images: mAP50 %.4f, mAP50-95 %.4f, detection rate %.3f (inference %.1f s, metrics %.2f s)",
-        Path(weights).name, len(images), result["map50"], result["map50_95"], result["detection_rate"]["rate"],
-        inference_s, result["timings"]["metrics_s"],
-    )  # fmt: skip
+        Path(weights).name,
+        len(images),
+        result["map50"],
+        result["map50_95"],
+        result["detection_rate"]["rate"],
+        inference_s,
+        result["timings"]["metrics_s"],
+    )
     return result

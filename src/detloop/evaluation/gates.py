@@ -13,8 +13,12 @@ from omegaconf import DictConfig
 
 from detloop.core.errors import BadInput
 
-TAG_FIGURES = ("gate.regression.drop", "gate.regression.candidate_map50", "gate.new_samples.detection_rate",
-               "gate.ab.worst_drop")  # fmt: skip
+TAG_FIGURES = (
+    "gate.regression.drop",
+    "gate.regression.candidate_map50",
+    "gate.new_samples.detection_rate",
+    "gate.ab.worst_drop",
+)
 
 
 SWEEP_HINT = "python -m detloop.finetune -m finetune.train.lr0=0.001,0.01 finetune.train.freeze=0,10"
@@ -42,29 +46,38 @@ def regression_gate(cfg: DictConfig, cand: dict, ref: dict) -> dict:
         "reference_map50": ref["map50"],
         "drop": value,
         "mode": str(g.mode),
-        "text": (f"Gate 1 (regression) {decision.upper()}: anchor-test mAP50 {ref['map50']:.3f} -> {cand['map50']:.3f} "
-                 f"(drop {value:.2f} {unit}; pass < {g.pass_below}, reject > {g.reject_above}; "
-                 f"{cand['images']} images, {cand['objects']} objects)."),
-    }  # fmt: skip
+        "text": (
+            f"Gate 1 (regression) {decision.upper()}: anchor-test mAP50 {ref['map50']:.3f} -> {cand['map50']:.3f} "
+            f"(drop {value:.2f} {unit}; pass < {g.pass_below}, reject > {g.reject_above}; "
+            f"{cand['images']} images, {cand['objects']} objects)."
+        ),
+    }
 
 
 def new_samples_gate(cfg: DictConfig, cand: dict, ref: dict, trained: dict) -> dict:
     """Gate 2: detection rate on the pool holdout at the serving confidence."""
     threshold = float(cfg.gate.new_samples.pass_above)
     if not cand.get("objects"):
-        return {"decision": "review", "text": "Gate 2 (new samples) REVIEW: the pool holdout is empty; "
-                "nothing shows the candidate fixes the reported failures."}  # fmt: skip
+        return {
+            "decision": "review",
+            "text": "Gate 2 (new samples) REVIEW: the pool holdout is empty; "
+            "nothing shows the candidate fixes the reported failures.",
+        }
     rate = cand["detection_rate"]
     decision = "pass" if rate > threshold else "review"
-    text = (f"Gate 2 (new samples) {decision.upper()}: the candidate finds {rate:.1%} of the {cand['objects']} "
-            f"objects in {cand['images']} held-out reported failures (reference {ref['detection_rate']:.1%}; "
-            f"pass > {threshold:.0%}).")  # fmt: skip
+    text = (
+        f"Gate 2 (new samples) {decision.upper()}: the candidate finds {rate:.1%} of the {cand['objects']} "
+        f"objects in {cand['images']} held-out reported failures (reference {ref['detection_rate']:.1%}; "
+        f"pass > {threshold:.0%})."
+    )
     if decision != "pass":
         weak = sorted(cand["detection_rate_per_class"].items(), key=lambda kv: kv[1])[:3]
         weakest = ", ".join(f"{k} {v:.0%}" for k, v in weak)
-        text += (f" The fine-tune did not learn the new failures well enough (weakest: {weakest}). Check the "
-                 f"labels of these samples, or try a stronger recipe with a sweep, e.g. `{SWEEP_HINT}`, and "
-                 "promote the best passing version.")  # fmt: skip
+        text += (
+            f" The fine-tune did not learn the new failures well enough (weakest: {weakest}). Check the "
+            f"labels of these samples, or try a stronger recipe with a sweep, e.g. `{SWEEP_HINT}`, and "
+            "promote the best passing version."
+        )
     return {
         "decision": decision,
         "pass_above": threshold,
@@ -91,9 +104,11 @@ def ab_gate(cfg: DictConfig, cand: dict, ref: dict) -> dict:
         "decision": decision,
         "worst_drop": worst,
         "per_class_drop": drops,
-        "text": (f"Gate 3 (A/B) {decision.upper()}: {cand['images']} production samples; "
-                 + (f"worse beyond {tol}: {listed}." if worse else f"no class worse by more than {tol} AP50.")),
-    }  # fmt: skip
+        "text": (
+            f"Gate 3 (A/B) {decision.upper()}: {cand['images']} production samples; "
+            + (f"worse beyond {tol}: {listed}." if worse else f"no class worse by more than {tol} AP50.")
+        ),
+    }
 
 
 def combine(gates: dict[str, dict]) -> str:
@@ -112,11 +127,13 @@ def figures(gates: dict, cand: dict, ref: dict) -> dict[str, float]:
         "gate.anchor_test.reference_map50_95": ref["anchor_test"]["map50_95"],
     }
     if "detection_rate" in new:
-        out.update({
-            "gate.new_samples.detection_rate": new["detection_rate"],
-            "gate.new_samples.reference_detection_rate": new["reference_detection_rate"],
-            "gate.new_samples.detection_rate_any_class": new["detection_rate_any_class"],
-        })  # fmt: skip
+        out.update(
+            {
+                "gate.new_samples.detection_rate": new["detection_rate"],
+                "gate.new_samples.reference_detection_rate": new["reference_detection_rate"],
+                "gate.new_samples.detection_rate_any_class": new["detection_rate_any_class"],
+            }
+        )
         out.update({f"gate.new_samples.per_class.{k}": v for k, v in new["per_class"].items()})
     if new.get("trained_on_detection_rate") is not None:
         out["gate.trained_on.detection_rate"] = new["trained_on_detection_rate"]

@@ -56,8 +56,10 @@ def ab_sample(cfg: DictConfig) -> list[Path]:
         raise BadInput("gate.ab.data holds no images", [f"{folder}: not a folder of labelled production images"])
     unlabelled = [p for p in images if not evaluator.label_path(p).is_file()]
     if unlabelled:
-        raise BadInput(f"gate.ab.data: {len(unlabelled)} image(s) without labels",
-                       [f"{p}: no label file {evaluator.label_path(p)}" for p in unlabelled[:20]])  # fmt: skip
+        raise BadInput(
+            f"gate.ab.data: {len(unlabelled)} image(s) without labels",
+            [f"{p}: no label file {evaluator.label_path(p)}" for p in unlabelled[:20]],
+        )
     size = min(int(cfg.gate.ab.size), len(images))
     picks = np.random.default_rng(int(cfg.gate.ab.seed)).choice(len(images), size=size, replace=False)
     return [images[i] for i in sorted(picks.tolist())]
@@ -70,11 +72,20 @@ def measure(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path], name
     ev = cfg.gate.eval
     gts = evaluator.load_ground_truth(images, num_classes=max(names) + 1)
     started = time.perf_counter()
-    dets = evaluator.predict(weights, images, imgsz=imgsz, batch=int(ev.batch), device=ev.device,
-                             conf=float(ev.conf), iou=float(ev.iou), max_det=int(ev.max_det))  # fmt: skip
+    dets = evaluator.predict(
+        weights,
+        images,
+        imgsz=imgsz,
+        batch=int(ev.batch),
+        device=ev.device,
+        conf=float(ev.conf),
+        iou=float(ev.iou),
+        max_det=int(ev.max_det),
+    )
     inference_s = time.perf_counter() - started
-    found = evaluator.evaluate_predictions(gts, dets, names, serving_conf=float(cfg.gate.new_samples.conf),
-                                           match_iou=float(cfg.gate.new_samples.iou))  # fmt: skip
+    found = evaluator.evaluate_predictions(
+        gts, dets, names, serving_conf=float(cfg.gate.new_samples.conf), match_iou=float(cfg.gate.new_samples.iou)
+    )
     return {
         "images": found["images"],
         "objects": found["objects"],
@@ -99,8 +110,10 @@ def reference_version(cfg: DictConfig, candidate: str, alias: str) -> str:
     if holder == candidate:
         holder = registry.client().get_model_version(name, candidate).tags.get("rollback_to") or None
     if holder is None:
-        raise BadInput(f"nothing to compare v{candidate} with: no other version holds '{alias}'",
-                       ["run the base stage first (dvc repro base)"])  # fmt: skip
+        raise BadInput(
+            f"nothing to compare v{candidate} with: no other version holds '{alias}'",
+            ["run the base stage first (dvc repro base)"],
+        )
     return holder
 
 

@@ -79,9 +79,11 @@ class DetectionRate:
             "rate": self.rate,
             "found": self.found,
             "total": self.total,
-            "per_class": {k: {"rate": f / t if t else float("nan"), "found": f, "total": t}
-                          for k, (f, t) in sorted(self.per_class.items())},
-        }  # fmt: skip
+            "per_class": {
+                k: {"rate": f / t if t else float("nan"), "found": f, "total": t}
+                for k, (f, t) in sorted(self.per_class.items())
+            },
+        }
 
 
 def detection_rate(
@@ -95,8 +97,9 @@ def detection_rate(
     """Detection rate over ``(gt_boxes, gt_cls, pred_boxes, pred_cls, pred_conf)`` per image."""
     total = DetectionRate()
     for gt_boxes, gt_cls, pred_boxes, pred_cls, pred_conf in samples:
-        hits = found_objects(gt_boxes, gt_cls, pred_boxes, pred_cls, pred_conf,
-                             iou=iou, conf=conf, class_aware=class_aware)  # fmt: skip
+        hits = found_objects(
+            gt_boxes, gt_cls, pred_boxes, pred_cls, pred_conf, iou=iou, conf=conf, class_aware=class_aware
+        )
         total.add(hits, gt_cls, names)
     return total
 

@@ -15,14 +15,18 @@ def report_markdown(record: dict) -> str:
     lines += [f"| anchor test, AP50 per class | v{r} | v{c} |", "|---|---|---|"]
     for cls, value in ref["anchor_test"]["ap50"].items():
         lines.append(f"| {cls} | {value:.3f} | {cand['anchor_test']['ap50'].get(cls, float('nan')):.3f} |")
-    for key, label in (("pool_holdout", "pool holdout (never trained on)"),
-                       ("pool_trained_on", "pool train (trained on: not evidence of generalisation)")):  # fmt: skip
+    for key, label in (
+        ("pool_holdout", "pool holdout (never trained on)"),
+        ("pool_trained_on", "pool train (trained on: not evidence of generalisation)"),
+    ):
         if not cand[key].get("objects"):
             continue
         lines += ["", f"| detection rate, {label} | v{r} | v{c} |", "|---|---|---|"]
         lines.append(f"| all classes | {ref[key]['detection_rate']:.3f} | {cand[key]['detection_rate']:.3f} |")
-        lines.append(f"| ignoring class (diagnostic) | {ref[key]['detection_rate_any_class']:.3f} | "
-                     f"{cand[key]['detection_rate_any_class']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| ignoring class (diagnostic) | {ref[key]['detection_rate_any_class']:.3f} | "
+            f"{cand[key]['detection_rate_any_class']:.3f} |"
+        )
         for cls, value in ref[key]["detection_rate_per_class"].items():
             theirs = cand[key]["detection_rate_per_class"].get(cls, float("nan"))
             lines.append(f"| {cls} | {value:.3f} | {theirs:.3f} |")
@@ -47,8 +51,9 @@ def per_class_plot(record: dict, path: Path) -> None:
         classes = list(ref[key][field])
         x = np.arange(len(classes))
         ax.bar(x - 0.2, [ref[key][field][k] for k in classes], 0.4, label=f"v{r} (reference)", color="#9aa5b1")
-        ax.bar(x + 0.2, [cand[key][field].get(k, 0.0) for k in classes], 0.4, label=f"v{c} (candidate)",
-               color="#2f6fdb")  # fmt: skip
+        ax.bar(
+            x + 0.2, [cand[key][field].get(k, 0.0) for k in classes], 0.4, label=f"v{c} (candidate)", color="#2f6fdb"
+        )
         ax.set_xticks(x, classes, rotation=30, ha="right")
         ax.set_ylim(0, 1.05)
         ax.set_title(title)

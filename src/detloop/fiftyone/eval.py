@@ -34,12 +34,21 @@ def eval_key(pred_field: str) -> str:
 def _check_field(samples, field: str) -> None:
     if not samples.has_field(field):
         fields = sorted(k for k in samples.get_field_schema() if k.startswith(("predictions_", GT_FIELD)))
-        raise BadInput(f"{samples.name if hasattr(samples, 'name') else 'dataset'} has no field {field!r}",
-                       [f"label fields there: {', '.join(fields) or 'none'}"])  # fmt: skip
+        raise BadInput(
+            f"{samples.name if hasattr(samples, 'name') else 'dataset'} has no field {field!r}",
+            [f"label fields there: {', '.join(fields) or 'none'}"],
+        )
 
 
-def evaluate(samples, pred_field: str, cfg: DictConfig | None = None, *, gt_field: str = GT_FIELD,
-             key: str | None = None, classes: list[str] | None = None):
+def evaluate(
+    samples,
+    pred_field: str,
+    cfg: DictConfig | None = None,
+    *,
+    gt_field: str = GT_FIELD,
+    key: str | None = None,
+    classes: list[str] | None = None,
+):
     """``evaluate_detections`` of ``pred_field`` against ``gt_field`` under ``key`` (default
     :func:`eval_key`); re-running replaces that key's results. Returns FiftyOne's results."""
     for field in (pred_field, gt_field):
@@ -50,10 +59,15 @@ def evaluate(samples, pred_field: str, cfg: DictConfig | None = None, *, gt_fiel
     if key in dataset.list_evaluations():
         dataset.delete_evaluation(key)
     return samples.evaluate_detections(
-        pred_field, gt_field=gt_field, eval_key=key, method=str(ev.method) if ev else "coco",
-        compute_mAP=bool(ev.compute_mAP) if ev else True, max_preds=int(ev.max_preds) if ev else 100,
-        classes=classes, progress=False,
-    )  # fmt: skip
+        pred_field,
+        gt_field=gt_field,
+        eval_key=key,
+        method=str(ev.method) if ev else "coco",
+        compute_mAP=bool(ev.compute_mAP) if ev else True,
+        max_preds=int(ev.max_preds) if ev else 100,
+        classes=classes,
+        progress=False,
+    )
 
 
 def figures(results) -> dict:
@@ -108,8 +122,10 @@ def format_report(rep: dict) -> str:
     lines = [f"{'':>14} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}"]
     for name, row in rep.items():
         if isinstance(row, dict):
-            lines.append(f"{name:>14} {row['precision']:9.2f} {row['recall']:9.2f} {row['f1-score']:9.2f} "
-                         f"{int(row['support']):9d}")  # fmt: skip
+            lines.append(
+                f"{name:>14} {row['precision']:9.2f} {row['recall']:9.2f} {row['f1-score']:9.2f} "
+                f"{int(row['support']):9d}"
+            )
     return "\n".join(lines)
 
 
@@ -129,12 +145,14 @@ def class_patches(samples, key: str, label: str, pred_field: str, gt_field: str 
 
     import_fiftyone()
     view = samples.filter_labels(gt_field, F("label") == label, only_matches=False).filter_labels(
-        pred_field, F("label") == label, only_matches=False)  # fmt: skip
+        pred_field, F("label") == label, only_matches=False
+    )
     return view.to_evaluation_patches(key)
 
 
-def compare(samples, base_field: str, candidate_field: str, cfg: DictConfig | None = None,
-            gt_field: str = GT_FIELD) -> dict:
+def compare(
+    samples, base_field: str, candidate_field: str, cfg: DictConfig | None = None, gt_field: str = GT_FIELD
+) -> dict:
     """Base vs candidate on the same samples: both evaluated (own eval keys), figures side by side,
     and the views where the candidate finds fewer / more objects than the base."""
     from fiftyone import ViewField as F  # noqa: N817
@@ -145,8 +163,9 @@ def compare(samples, base_field: str, candidate_field: str, cfg: DictConfig | No
         results = evaluate(samples, field, cfg, gt_field=gt_field)
         out[role] = {"field": field, "key": eval_key(field), **figures(results)}
     b, c = out["base"]["key"], out["candidate"]["key"]
-    out["candidate_worse"] = samples.match(F(f"{c}_tp") < F(f"{b}_tp")).sort_by(F(f"{b}_tp") - F(f"{c}_tp"),
-                                                                              reverse=True)  # fmt: skip
+    out["candidate_worse"] = samples.match(F(f"{c}_tp") < F(f"{b}_tp")).sort_by(
+        F(f"{b}_tp") - F(f"{c}_tp"), reverse=True
+    )
     out["candidate_better"] = samples.match(F(f"{c}_tp") > F(f"{b}_tp"))
     out["map50_change"] = out["candidate"]["map50"] - out["base"]["map50"]
     return out

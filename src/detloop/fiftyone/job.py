@@ -68,8 +68,10 @@ def _registered(cfg: DictConfig, specs: list[str], cache: Path) -> list[dict]:
     for spec in specs:
         version = spec.lstrip("v") if spec.lstrip("v").isdigit() else registry.alias_holder(name, spec)
         if version is None:
-            raise BadInput(f"model {spec!r}: no version of {name} holds alias {spec!r}",
-                           ["give a version number, an alias (base, staging, production) or a .pt file"])  # fmt: skip
+            raise BadInput(
+                f"model {spec!r}: no version of {name} holds alias {spec!r}",
+                ["give a version number, an alias (base, staging, production) or a .pt file"],
+            )
         folder = cache / f"v{version}"
         found = sorted((folder / "artifacts").glob("*.pt")) if folder.is_dir() else []
         if found and (folder / "imgsz").is_file():
@@ -78,8 +80,14 @@ def _registered(cfg: DictConfig, specs: list[str], cache: Path) -> list[dict]:
             weights, config = model_weights(f"models:/{name}/{version}", folder)
             imgsz = int(config.get("imgsz", 640))
             (folder / "imgsz").write_text(str(imgsz))
-        out.append({"weights": str(weights), "version": str(version), "imgsz": imgsz,
-                    "label": f"v{version}" + (f" ({spec})" if not spec.lstrip("v").isdigit() else "")})  # fmt: skip
+        out.append(
+            {
+                "weights": str(weights),
+                "version": str(version),
+                "imgsz": imgsz,
+                "label": f"v{version}" + (f" ({spec})" if not spec.lstrip("v").isdigit() else ""),
+            }
+        )
     return out
 
 
@@ -153,13 +161,19 @@ def _inspect(cfg: DictConfig, job: dict) -> dict:
                 results = fo_eval.evaluate(dataset, field, cfg)
                 figures = fo_eval.figures(results)
                 threshold = cfg.fiftyone.evaluate.report_conf
-                report = fo_eval.report(results, dataset, int(cfg.fiftyone.evaluate.top_n),
-                                              conf=None if threshold is None else float(threshold))  # fmt: skip
+                report = fo_eval.report(
+                    results,
+                    dataset,
+                    int(cfg.fiftyone.evaluate.top_n),
+                    conf=None if threshold is None else float(threshold),
+                )
                 if threshold is not None:
                     print(f"classification report at confidence >= {float(threshold):g}:")
                 entry["figures"][field] = {**figures, "eval_key": fo_eval.eval_key(field), "report": report}
-                print(f"{dataset.name} {field} ({model.get('label')}): mAP50 {figures['map50']:.4f}, "
-                      f"mAP50-95 {figures['map50_95']:.4f}")
+                print(
+                    f"{dataset.name} {field} ({model.get('label')}): mAP50 {figures['map50']:.4f}, "
+                    f"mAP50-95 {figures['map50_95']:.4f}"
+                )
                 print(fo_eval.format_report(report))
     if job.get("app"):
         _launch_app(cfg, datasets[sets[0]] if sets else None)
@@ -183,9 +197,11 @@ def _review_open(cfg: DictConfig, job: dict) -> dict:
         filled += fo_load.fill_review_labels(cfg, dataset, field)
     show_in_app(cfg, dataset)
     result = {"dataset": dataset.name, "samples": len(dataset), "fields": fields, "proposed_from_predictions": filled}
-    print(f"{dataset.name}: {len(dataset)} report(s) to review; {filled} with the model's predictions as "
-          f"proposed labels. Tag samples '{cfg.fiftyone.review.verified_tag}' or "
-          f"'{cfg.fiftyone.review.rejected_tag}', then: detloop review commit --reviewer NAME")
+    print(
+        f"{dataset.name}: {len(dataset)} report(s) to review; {filled} with the model's predictions as "
+        f"proposed labels. Tag samples '{cfg.fiftyone.review.verified_tag}' or "
+        f"'{cfg.fiftyone.review.rejected_tag}', then: detloop review commit --reviewer NAME"
+    )
     if job.get("app"):
         _launch_app(cfg, dataset)
     return result
@@ -210,11 +226,15 @@ def show_in_app(cfg: DictConfig, dataset) -> None:
     config = dataset.app_config
     config.active_fields = ActiveFields(paths=[*tag_paths, *fields])
     groups = config.sidebar_groups or fo.DatasetAppConfig.default_sidebar_groups(dataset)
-    config.sidebar_groups = [*(g for g in groups if g.name != TAG_PATHS_GROUP),
-                             SidebarGroupDocument(name=TAG_PATHS_GROUP, paths=tag_paths)]  # fmt: skip
-    tag_colors = [{"value": str(review.verified_tag), "color": str(review.verified_color)},
-                  {"value": str(review.rejected_tag), "color": str(review.rejected_color)},
-                  {"value": "inbox", "color": "#757575"}]  # the tag every inbox sample has: neutral  # fmt: skip
+    config.sidebar_groups = [
+        *(g for g in groups if g.name != TAG_PATHS_GROUP),
+        SidebarGroupDocument(name=TAG_PATHS_GROUP, paths=tag_paths),
+    ]
+    tag_colors = [
+        {"value": str(review.verified_tag), "color": str(review.verified_color)},
+        {"value": str(review.rejected_tag), "color": str(review.rejected_color)},
+        {"value": "inbox", "color": "#757575"},
+    ]  # the tag every inbox sample has: neutral
     config.color_scheme = fo.ColorScheme(color_by="value", fields=[{"path": "tags", "valueColors": tag_colors}])
     dataset.save()
 

@@ -97,19 +97,35 @@ def detections_from_yolo(rows: np.ndarray, names: dict[int, str]):
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
     boxes = yolo_to_boxes(rows[:, 1:5])
     labels = class_names(rows[:, 0].astype(np.int64), names)
-    return fo.Detections(detections=[fo.Detection(label=label, bounding_box=box.tolist())
-                                     for label, box in zip(labels, boxes, strict=True)])  # fmt: skip
+    return fo.Detections(
+        detections=[
+            fo.Detection(label=label, bounding_box=box.tolist()) for label, box in zip(labels, boxes, strict=True)
+        ]
+    )
 
 
-def detections_from_pixels(boxes_xyxy: np.ndarray, cls: np.ndarray, conf: np.ndarray, size: tuple[int, int],
-                           names: dict[int, str], masks: Sequence[np.ndarray] | None = None):
+def detections_from_pixels(
+    boxes_xyxy: np.ndarray,
+    cls: np.ndarray,
+    conf: np.ndarray,
+    size: tuple[int, int],
+    names: dict[int, str],
+    masks: Sequence[np.ndarray] | None = None,
+):
     """``fo.Detections`` from a model's pixel xyxy boxes, class ids and confidences on an image of
     ``size`` (width, height); ``masks`` (optional) are full-image masks, cropped to each box."""
     fo = import_fiftyone()
     width, height = size
     boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    rel = np.stack([boxes[:, 0] / width, boxes[:, 1] / height, (boxes[:, 2] - boxes[:, 0]) / width,
-                    (boxes[:, 3] - boxes[:, 1]) / height], axis=1)  # fmt: skip
+    rel = np.stack(
+        [
+            boxes[:, 0] / width,
+            boxes[:, 1] / height,
+            (boxes[:, 2] - boxes[:, 0]) / width,
+            (boxes[:, 3] - boxes[:, 1]) / height,
+        ],
+        axis=1,
+    )
     labels = class_names(cls, names)
     out = []
     for i, (label, box, score) in enumerate(zip(labels, rel, np.asarray(conf).reshape(-1), strict=True)):
@@ -152,8 +168,11 @@ def set_samples(cfg: DictConfig, set_name: str) -> list[SetSample]:
             continue
         if set_name == "pool":
             fields = {k: row.get(k) for k in ("reviewer", "verified_at", "reported_at", "source", "labels_from")}
-            out.append(SetSample(image, row["id"], (str(row.get("split", "")),), folder / "labels" / f"{row['id']}.txt",
-                                 fields))  # fmt: skip
+            out.append(
+                SetSample(
+                    image, row["id"], (str(row.get("split", "")),), folder / "labels" / f"{row['id']}.txt", fields
+                )
+            )
         else:
             fields = {k: row.get(k) for k in ("reported_at", "source", "note")}
             out.append(SetSample(image, row["id"], ("inbox",), folder / "labels" / f"{row['id']}.txt", fields))
@@ -185,8 +204,9 @@ def load_set(cfg: DictConfig, set_name: str, names: dict[int, str]):
     new = [s for s in wanted if str(s.filepath.absolute()) not in have]
     batch = int(cfg.fiftyone.batch_size)
     for start in range(0, len(new), batch):
-        dataset.add_samples([_sample(fo, s, set_name, names, image_size) for s in new[start : start + batch]],
-                            progress=False)  # fmt: skip
+        dataset.add_samples(
+            [_sample(fo, s, set_name, names, image_size) for s in new[start : start + batch]], progress=False
+        )
     log.info("%s: %d samples (%d new)", name, len(dataset), len(new))
     return dataset
 
@@ -194,9 +214,13 @@ def load_set(cfg: DictConfig, set_name: str, names: dict[int, str]):
 def _sample(fo, item: SetSample, set_name: str, names: dict[int, str], image_size):
     width, height = image_size(item.filepath)
     labels = detections_from_yolo(read_yolo_labels(item.labels), names)
-    sample = fo.Sample(filepath=str(item.filepath.absolute()), tags=[t for t in item.tags if t],
-                       metadata=fo.ImageMetadata(width=width, height=height), detloop_id=item.sample_id,
-                       **{k: v for k, v in item.fields.items() if v is not None})  # fmt: skip
+    sample = fo.Sample(
+        filepath=str(item.filepath.absolute()),
+        tags=[t for t in item.tags if t],
+        metadata=fo.ImageMetadata(width=width, height=height),
+        detloop_id=item.sample_id,
+        **{k: v for k, v in item.fields.items() if v is not None},
+    )
     if set_name == "inbox":
         has_labels = item.labels is not None and item.labels.is_file()
         sample[REPORTED_FIELD] = labels if has_labels else None
@@ -222,12 +246,16 @@ def model_facts(weights: str | Path) -> dict:
 
     model = load_model(weights)
     train_args = (getattr(model, "ckpt", None) or {}).get("train_args") or {}
-    return {"names": {int(k): str(v) for k, v in model.names.items()}, "task": model.task,
-            "imgsz": int(train_args.get("imgsz") or 640)}  # fmt: skip
+    return {
+        "names": {int(k): str(v) for k, v in model.names.items()},
+        "task": model.task,
+        "imgsz": int(train_args.get("imgsz") or 640),
+    }
 
 
-def predict_images(weights: str | Path, images: Sequence[Path], predict_cfg: DictConfig, imgsz: int,
-                   task: str) -> list[tuple]:
+def predict_images(
+    weights: str | Path, images: Sequence[Path], predict_cfg: DictConfig, imgsz: int, task: str
+) -> list[tuple]:
     """One prediction pass; per image ``(boxes_xyxy, cls, conf, masks or None)``.
 
     Detection models go through the gate's own :func:`detloop.evaluation.evaluator.predict` with the same
@@ -236,8 +264,14 @@ def predict_images(weights: str | Path, images: Sequence[Path], predict_cfg: Dic
     """
     from detloop.evaluation import evaluator
 
-    args = {"imgsz": imgsz, "batch": int(predict_cfg.batch), "device": predict_cfg.device,
-            "conf": float(predict_cfg.conf), "iou": float(predict_cfg.iou), "max_det": int(predict_cfg.max_det)}
+    args = {
+        "imgsz": imgsz,
+        "batch": int(predict_cfg.batch),
+        "device": predict_cfg.device,
+        "conf": float(predict_cfg.conf),
+        "iou": float(predict_cfg.iou),
+        "max_det": int(predict_cfg.max_det),
+    }
     if task != "segment":
         return [(d.boxes, d.cls, d.conf, None) for d in evaluator.predict(weights, images, **args)]
     from detloop.model.yolo import load_model
@@ -250,8 +284,12 @@ def predict_images(weights: str | Path, images: Sequence[Path], predict_cfg: Dic
         by_path = {}
         for r in model.predict(source=chunk, stream=True, verbose=False, retina_masks=True, **args):
             masks = r.masks.data.cpu().numpy() if r.masks is not None else np.zeros((0, 1, 1))
-            by_path[str(r.path)] = (r.boxes.xyxy.cpu().numpy(), r.boxes.cls.cpu().numpy().astype(np.int64),
-                                    r.boxes.conf.cpu().numpy(), list(masks))  # fmt: skip
+            by_path[str(r.path)] = (
+                r.boxes.xyxy.cpu().numpy(),
+                r.boxes.cls.cpu().numpy().astype(np.int64),
+                r.boxes.conf.cpu().numpy(),
+                list(masks),
+            )
         out += [by_path[str(Path(p).absolute())] for p in chunk]
     return out
 
@@ -268,8 +306,10 @@ def add_predictions(cfg: DictConfig, dataset, model: dict, view=None) -> str:
         return field
     sizes = zip(samples.values("metadata.width"), samples.values("metadata.height"), strict=True)
     found = predict_images(model["weights"], [Path(p) for p in paths], cfg.fiftyone.predict, imgsz, facts["task"])
-    values = {path: detections_from_pixels(b, c, s, size, facts["names"], masks)
-              for path, (b, c, s, masks), size in zip(paths, found, sizes, strict=True)}  # fmt: skip
+    values = {
+        path: detections_from_pixels(b, c, s, size, facts["names"], masks)
+        for path, (b, c, s, masks), size in zip(paths, found, sizes, strict=True)
+    }
     samples.set_values(field, values, key_field="filepath")
     dataset.info.setdefault("models", {})[field] = {k: str(v) for k, v in model.items() if v is not None}
     dataset.save()
@@ -290,9 +330,14 @@ def fill_review_labels(cfg: DictConfig, dataset, pred_field: str) -> int:
         return 0
     proposed = empty.filter_labels(pred_field, F("confidence") >= conf, only_matches=False)
     ids = proposed.values("id")
-    values = [fo.Detections(detections=[fo.Detection(label=d.label, bounding_box=d.bounding_box,
-                                                     confidence=d.confidence, mask=d.mask)
-                                        for d in (found.detections if found else [])])
-              for found in proposed.values(pred_field)]  # fmt: skip
+    values = [
+        fo.Detections(
+            detections=[
+                fo.Detection(label=d.label, bounding_box=d.bounding_box, confidence=d.confidence, mask=d.mask)
+                for d in (found.detections if found else [])
+            ]
+        )
+        for found in proposed.values(pred_field)
+    ]
     dataset.set_values(label_field, dict(zip(ids, values, strict=True)), key_field="id")
     return len(ids)

@@ -57,12 +57,13 @@ def yolo_text(detections, class_ids: dict[str, int], drop_tag: str, where: str) 
     """YOLO label text (``cls xc yc w h``, 6 decimals) of FiftyOne detections, leaving out boxes
     tagged ``drop_tag``. Raises BadInput for a label the anchor's classes do not have."""
     lines = []
-    for det in (detections.detections if detections is not None else []):
+    for det in detections.detections if detections is not None else []:
         if drop_tag in (det.tags or []):
             continue
         if det.label not in class_ids:
-            raise BadInput(f"{where}: label {det.label!r} is not an anchor class",
-                           [f"anchor classes: {', '.join(class_ids)}"])  # fmt: skip
+            raise BadInput(
+                f"{where}: label {det.label!r} is not an anchor class", [f"anchor classes: {', '.join(class_ids)}"]
+            )
         x, y, w, h = (min(max(float(v), 0.0), 1.0) for v in det.bounding_box)
         w, h = min(w, 1.0 - x), min(h, 1.0 - y)
         lines.append(f"{class_ids[det.label]} {x + w / 2:.6f} {y + h / 2:.6f} {w:.6f} {h:.6f}")
@@ -130,8 +131,10 @@ def decisions(cfg: DictConfig, dataset) -> tuple[list, list]:
     rejected = list(dataset.match_tags(str(r.rejected_tag)))
     both = sorted({s.detloop_id for s in verified} & {s.detloop_id for s in rejected})
     if both:
-        raise BadInput(f"{len(both)} sample(s) tagged both {r.verified_tag!r} and {r.rejected_tag!r}; "
-                       "nothing was committed", [f"{i}: remove one of the tags" for i in both])  # fmt: skip
+        raise BadInput(
+            f"{len(both)} sample(s) tagged both {r.verified_tag!r} and {r.rejected_tag!r}; nothing was committed",
+            [f"{i}: remove one of the tags" for i in both],
+        )
     return verified, rejected
 
 
@@ -143,8 +146,12 @@ def write_verified_labels(cfg: DictConfig, samples: list, folder: Path, names: d
     proposed = resolve_path(cfg, "inbox") / "labels"
     written = 0
     for sample in samples:
-        text = yolo_text(sample[str(r.label_field)] if sample.has_field(str(r.label_field)) else None, class_ids,
-                         str(r.drop_label_tag), sample.detloop_id)  # fmt: skip
+        text = yolo_text(
+            sample[str(r.label_field)] if sample.has_field(str(r.label_field)) else None,
+            class_ids,
+            str(r.drop_label_tag),
+            sample.detloop_id,
+        )
         if not _same_labels(text, proposed / f"{sample.detloop_id}.txt"):
             (folder / f"{sample.detloop_id}.txt").write_text(text, encoding="utf-8")
             written += 1
@@ -163,8 +170,13 @@ def commit(cfg: DictConfig, reviewer: str | None) -> dict:
     finished = finish_interrupted(cfg)
     removed = sync_with_inbox(cfg, dataset)
     verified, rejected = decisions(cfg, dataset)
-    result = {"accepted": [], "rejected": [], "finished_interrupted": finished, "removed_stale": removed,
-              "reviewer": reviewer.strip()}  # fmt: skip
+    result = {
+        "accepted": [],
+        "rejected": [],
+        "finished_interrupted": finished,
+        "removed_stale": removed,
+        "reviewer": reviewer.strip(),
+    }
     if verified:
         with tempfile.TemporaryDirectory(prefix="detloop-review-") as tmp:
             write_verified_labels(cfg, verified, Path(tmp), anchor_names(resolve_path(cfg, "anchor")))
@@ -184,8 +196,13 @@ def commit(cfg: DictConfig, reviewer: str | None) -> dict:
     result["pool_size"] = len(read_manifest(resolve_path(cfg, "pool") / MANIFEST))
     result["rejected_total"] = len(read_manifest(resolve_path(cfg, "inbox") / REJECTED_MANIFEST))
     result["waiting_in_app"] = len(dataset)
-    log.info("review commit by %s: %d accepted, %d rejected, %d waiting", result["reviewer"],
-             len(result["accepted"]), len(result["rejected"]), len(dataset))  # fmt: skip
+    log.info(
+        "review commit by %s: %d accepted, %d rejected, %d waiting",
+        result["reviewer"],
+        len(result["accepted"]),
+        len(result["rejected"]),
+        len(dataset),
+    )
     return result
 
 
@@ -201,9 +218,13 @@ def _backend(cfg: DictConfig) -> str | None:
         import importlib.util
 
         if importlib.util.find_spec(module) is None:
-            raise BadInput(f"fiftyone.review.annotation.backend={backend}: the Python package {module!r} "
-                           "is not installed", [f"pip install {module} (and run its server), or set the "
-                                                "backend to null to review in the App with tags"])  # fmt: skip
+            raise BadInput(
+                f"fiftyone.review.annotation.backend={backend}: the Python package {module!r} is not installed",
+                [
+                    f"pip install {module} (and run its server), or set the "
+                    "backend to null to review in the App with tags"
+                ],
+            )
     return str(backend)
 
 
@@ -212,15 +233,24 @@ def request_annotation(cfg: DictConfig, dataset) -> str:
     returns the annotation key. BadInput when no backend is configured or it is not installed."""
     backend = _backend(cfg)
     if backend is None:
-        raise BadInput("fiftyone.review.annotation.backend is null: review in the App with sample tags",
-                       ["set fiftyone.review.annotation.backend=cvat (or labelstudio) to edit labels there"])
+        raise BadInput(
+            "fiftyone.review.annotation.backend is null: review in the App with sample tags",
+            ["set fiftyone.review.annotation.backend=cvat (or labelstudio) to edit labels there"],
+        )
     a, r = cfg.fiftyone.review.annotation, cfg.fiftyone.review
     key = str(a.anno_key)
     if key in dataset.list_annotation_runs():
         dataset.delete_annotation_run(key)
     kwargs = dict(a.kwargs or {})
-    dataset.annotate(key, backend=backend, label_field=str(r.label_field), label_type="detections",
-                     classes=list(dataset.default_classes), launch_editor=bool(a.launch_editor), **kwargs)
+    dataset.annotate(
+        key,
+        backend=backend,
+        label_field=str(r.label_field),
+        label_type="detections",
+        classes=list(dataset.default_classes),
+        launch_editor=bool(a.launch_editor),
+        **kwargs,
+    )
     return key
 
 

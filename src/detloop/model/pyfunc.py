@@ -18,9 +18,19 @@ import mlflow.pyfunc
 log = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = [
-    "row", "class_id", "class_name", "confidence",
-    "x1", "y1", "x2", "y2", "xc", "yc", "w", "h",
-]  # fmt: skip
+    "row",
+    "class_id",
+    "class_name",
+    "confidence",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "xc",
+    "yc",
+    "w",
+    "h",
+]
 WEIGHTS_ARTIFACT = "weights"
 
 

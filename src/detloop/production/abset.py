@@ -66,8 +66,14 @@ def taken(cfg: DictConfig, known: KnownContent) -> set[str]:
     """Content hashes that must not be drawn: the A/B set so far, anchor, pool and inbox."""
     pending, verified = folders(cfg)
     rows = [*read_manifest(pending / MANIFEST), *read_manifest(pending / REJECTED), *read_manifest(verified / MANIFEST)]
-    return ({row["sha256"] for row in rows} | set(known.inbox) | set(known.pool) | set(known.rejected)
-            | set(known.anchor_test) | set(known.anchor_other))  # fmt: skip
+    return (
+        {row["sha256"] for row in rows}
+        | set(known.inbox)
+        | set(known.pool)
+        | set(known.rejected)
+        | set(known.anchor_test)
+        | set(known.anchor_other)
+    )
 
 
 def candidates(log_store: predlog.PredictionLog, since: float | None) -> list[tuple[str, int]]:
@@ -96,8 +102,13 @@ def label_lines(detections_json: str) -> list[str]:
     return lines
 
 
-def build(cfg: DictConfig, size: int | None = None, seed: int | None = None, days: float | None = None,
-          log_store: predlog.PredictionLog | None = None) -> dict:  # fmt: skip
+def build(
+    cfg: DictConfig,
+    size: int | None = None,
+    seed: int | None = None,
+    days: float | None = None,
+    log_store: predlog.PredictionLog | None = None,
+) -> dict:
     """Draw production images for the A/B set into ``serve.abset.inbox`` (see the module docstring).
 
     Returns ``{added, drawn_from, skipped, pending, verified, inbox}``; BadInput (nothing written) when
@@ -120,22 +131,35 @@ def build(cfg: DictConfig, size: int | None = None, seed: int | None = None, day
             pool = [(sha, first) for sha, first in found if sha not in exclude]
             if not pool:
                 where = predlog.shown_uri(store.uri)
-                raise BadInput(f"no production image to draw from the prediction log ({where})",
-                               [f"{len(found)} distinct scored images kept (serve.images.store), "
-                                f"{len(found) - len(pool)} of them already in the A/B set, anchor, pool or inbox"])
+                raise BadInput(
+                    f"no production image to draw from the prediction log ({where})",
+                    [
+                        f"{len(found)} distinct scored images kept (serve.images.store), "
+                        f"{len(found) - len(pool)} of them already in the A/B set, anchor, pool or inbox"
+                    ],
+                )
             order = np.random.default_rng(seed).permutation(len(pool))
             picked, skipped = _draw(store, [pool[i] for i in order], size)
             if not picked:
-                raise BadInput(f"no production image to draw: the {len(pool)} candidate(s) in the prediction log "
-                               "have no intact kept file", skipped)  # fmt: skip
+                raise BadInput(
+                    f"no production image to draw: the {len(pool)} candidate(s) in the prediction log "
+                    "have no intact kept file",
+                    skipped,
+                )
             rows = _write(pending, picked)
     finally:
         if owned:
             store.close()
     log.info("abset: %d production images drawn into %s (%d skipped)", len(rows), pending, len(skipped))
-    return {"added": [r["id"] for r in rows], "drawn_from": len(pool), "skipped": skipped, "inbox": str(pending),
-            "pending": len(read_manifest(pending / MANIFEST)), "verified": len(read_manifest(verified / MANIFEST)),
-            "with_labels": sum(bool(r["has_labels"]) for r in rows)}  # fmt: skip
+    return {
+        "added": [r["id"] for r in rows],
+        "drawn_from": len(pool),
+        "skipped": skipped,
+        "inbox": str(pending),
+        "pending": len(read_manifest(pending / MANIFEST)),
+        "verified": len(read_manifest(verified / MANIFEST)),
+        "with_labels": sum(bool(r["has_labels"]) for r in rows),
+    }
 
 
 def _draw(store: predlog.PredictionLog, ordered: list[tuple[str, int]], size: int) -> tuple[list[dict], list[str]]:
@@ -145,7 +169,7 @@ def _draw(store: predlog.PredictionLog, ordered: list[tuple[str, int]], size: in
     for start in range(0, len(ordered), max(size, 1)):
         if len(picked) >= size:
             break
-        batch = ordered[start:start + size]
+        batch = ordered[start : start + size]
         rows = rows_by_id(store, [first for _, first in batch])
         for sha, first in batch:
             if len(picked) >= size:
@@ -177,9 +201,18 @@ def _write(pending: Path, picked: list[dict]) -> list[dict]:
             os.replace(tmp, label)
         else:
             label.unlink(missing_ok=True)
-        rows.append({"id": sid, "sha256": sha, "source": str(source), "reported_at": _iso(row["ts"]),
-                     "has_labels": bool(lines), "model_version": row["model_version"], "predlog_id": row["id"],
-                     "drawn_at": utc_now()})  # fmt: skip
+        rows.append(
+            {
+                "id": sid,
+                "sha256": sha,
+                "source": str(source),
+                "reported_at": _iso(row["ts"]),
+                "has_labels": bool(lines),
+                "model_version": row["model_version"],
+                "predlog_id": row["id"],
+                "drawn_at": utc_now(),
+            }
+        )
     if rows:
         for folder in ("images", "labels"):
             fsync_dir(pending / folder)
@@ -199,9 +232,11 @@ def _iso(ts: float) -> str:
 def format_build(result: dict, cfg: DictConfig) -> str:
     """``detloop abset build`` for the terminal: what was drawn and the next two commands."""
     _, verified = folders(cfg)
-    lines = [f"A/B set: {len(result['added'])} production image(s) drawn from {result['drawn_from']} candidates "
-             f"into {result['inbox']} ({result['with_labels']} with proposed labels); "
-             f"{result['pending']} await review, {result['verified']} verified"]
+    lines = [
+        f"A/B set: {len(result['added'])} production image(s) drawn from {result['drawn_from']} candidates "
+        f"into {result['inbox']} ({result['with_labels']} with proposed labels); "
+        f"{result['pending']} await review, {result['verified']} verified"
+    ]
     lines += [f"skipped {s}" for s in result["skipped"][:20]]
     lines.append("review: detloop abset review accept ID... --reviewer NAME [--labels DIR]   (or --all)")
     lines.append(f"gate:   python -m detloop.gate gate.ab.data={verified}")

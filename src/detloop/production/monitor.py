@@ -83,13 +83,20 @@ def parse_time(text: str, option: str) -> float:
     try:
         moment = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
     except ValueError as err:
-        raise BadInput(f"{option} {text!r}: not an ISO date or date-time",
-                       ["e.g. 2025-01-06 or 2025-01-06T13:00:00Z (UTC when no zone is given)"]) from err
+        raise BadInput(
+            f"{option} {text!r}: not an ISO date or date-time",
+            ["e.g. 2025-01-06 or 2025-01-06T13:00:00Z (UTC when no zone is given)"],
+        ) from err
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def resolve_window(cfg: DictConfig, since: str | None = None, until: str | None = None,
-                   window_days: float | None = None, now: float | None = None) -> Window:  # fmt: skip
+def resolve_window(
+    cfg: DictConfig,
+    since: str | None = None,
+    until: str | None = None,
+    window_days: float | None = None,
+    now: float | None = None,
+) -> Window:
     """The window from ``--since``/``--until``/``--window-days`` (default: the last ``monitor.window_days``)."""
     if since is not None and window_days is not None:
         raise BadInput("give --since or --window-days, not both")
@@ -123,8 +130,11 @@ def scored(window: Window | None = None, version: str | None = None) -> sa.Colum
 def image_stats(conn, cond, classes: list[str]) -> dict:
     """Images, detections, average confidence and per-class detection rate of the rows matching ``cond``."""
     c = predlog.predictions.c
-    columns = [sa.func.count(), sa.func.coalesce(sa.func.sum(c.n_detections), 0),
-               sa.func.coalesce(sa.func.sum(c.confidence_sum), 0.0)]  # fmt: skip
+    columns = [
+        sa.func.count(),
+        sa.func.coalesce(sa.func.sum(c.n_detections), 0),
+        sa.func.coalesce(sa.func.sum(c.confidence_sum), 0.0),
+    ]
     columns += [sa.func.coalesce(sa.func.sum(sa.case((predlog.detected(name), 1), else_=0)), 0) for name in classes]
     images, detections, confidence_sum, *found = conn.execute(sa.select(*columns).where(cond)).one()
     return {
@@ -220,8 +230,11 @@ def expected_classes(cfg: DictConfig) -> list[str]:
 
     spec, problems = inspect_data_yaml(resolve_path(cfg, "anchor") / "data.yaml")
     if spec is None:
-        raise BadInput("monitor.expected_classes is null and the anchor data.yaml is unusable; list the classes "
-                       "in monitor.expected_classes", problems)  # fmt: skip
+        raise BadInput(
+            "monitor.expected_classes is null and the anchor data.yaml is unusable; list the classes "
+            "in monitor.expected_classes",
+            problems,
+        )
     return [spec.names[i] for i in sorted(spec.names)]
 
 
@@ -234,8 +247,14 @@ def measure(cfg: DictConfig, log_store: predlog.PredictionLog, window: Window) -
         stats = image_stats(conn, scored(window), classes)
         version = str(m.baseline.version) if m.baseline.version is not None else last_version(conn, window)
         current = {"images": 0, "confidence": None, "latency_ms": None}
-        baseline: dict = {"version": version, "since": None, "until": None, "images": 0, "confidence": None,
-                          "latency_ms": None}  # fmt: skip
+        baseline: dict = {
+            "version": version,
+            "since": None,
+            "until": None,
+            "images": 0,
+            "confidence": None,
+            "latency_ms": None,
+        }
         if version is not None:
             current = image_stats(conn, scored(window, version), [])
             current["latency_ms"] = latency_quantile(conn, scored(window, version), q)
@@ -243,9 +262,13 @@ def measure(cfg: DictConfig, log_store: predlog.PredictionLog, window: Window) -
             if start is not None:
                 period = Window(start, start + float(m.baseline.days) * DAY)
                 base = image_stats(conn, scored(period, version), [])
-                baseline.update(since=iso(period.since), until=iso(period.until), images=base["images"],
-                                confidence=base["confidence"],
-                                latency_ms=latency_quantile(conn, scored(period, version), q))  # fmt: skip
+                baseline.update(
+                    since=iso(period.since),
+                    until=iso(period.until),
+                    images=base["images"],
+                    confidence=base["confidence"],
+                    latency_ms=latency_quantile(conn, scored(period, version), q),
+                )
         counts = request_counts(conn, window)
     for key, fixed in (("confidence", m.baseline.confidence), ("latency_ms", m.baseline.latency_ms)):
         if fixed is not None:
@@ -281,14 +304,28 @@ def check(cfg: DictConfig, found: dict) -> tuple[list[Alert], list[str]]:
         floor = float(m.detection_rate.alert_below)
         for name, rate in found["detection_rate"].items():
             if rate < floor:
-                alerts.append(Alert("detection_rate", f"detection_rate/{name}", rate, floor,
-                                    f"{name} detected in {rate:.2%} of {found['images']} images (< {floor:.0%})"))
+                alerts.append(
+                    Alert(
+                        "detection_rate",
+                        f"detection_rate/{name}",
+                        rate,
+                        floor,
+                        f"{name} detected in {rate:.2%} of {found['images']} images (< {floor:.0%})",
+                    )
+                )
     alerts += _baseline_checks(cfg, found, skipped)
     weekly = found["reports_per_week"]
     if rising(weekly):
         weeks = int(m.reports.rising_weeks)
-        alerts.append(Alert("reports", "reports/last_week", float(weekly[-1]), float(weekly[-2]),
-                            f"failure reports per week rose {weeks} weeks in a row: {' -> '.join(map(str, weekly))}"))
+        alerts.append(
+            Alert(
+                "reports",
+                "reports/last_week",
+                float(weekly[-1]),
+                float(weekly[-2]),
+                f"failure reports per week rose {weeks} weeks in a row: {' -> '.join(map(str, weekly))}",
+            )
+        )
     return alerts, skipped
 
 
@@ -300,8 +337,10 @@ def _baseline_checks(cfg: DictConfig, found: dict, skipped: list[str]) -> list[A
         skipped.append("confidence, latency: no scored images in the window")
         return []
     if found["version_images"] < int(m.min_images):
-        skipped.append(f"confidence, latency: {found['version_images']} images of v{version} in the window "
-                       f"< monitor.min_images={m.min_images}")  # fmt: skip
+        skipped.append(
+            f"confidence, latency: {found['version_images']} images of v{version} in the window "
+            f"< monitor.min_images={m.min_images}"
+        )
         return []
     alerts = []
     enough = base["images"] >= int(m.baseline.min_images)
@@ -309,24 +348,41 @@ def _baseline_checks(cfg: DictConfig, found: dict, skipped: list[str]) -> list[A
         reference, value = base[key], found["version_confidence" if key == "confidence" else "latency_ms"]
         fixed = f"{key}_source" in base
         if reference is None or value is None or not (enough or fixed):
-            skipped.append(f"{key}: baseline of v{version} has {base['images']} images < "
-                           f"monitor.baseline.min_images={m.baseline.min_images}" if not (enough or fixed)
-                           else f"{key}: no value in the window or the baseline")  # fmt: skip
+            skipped.append(
+                f"{key}: baseline of v{version} has {base['images']} images < "
+                f"monitor.baseline.min_images={m.baseline.min_images}"
+                if not (enough or fixed)
+                else f"{key}: no value in the window or the baseline"
+            )
             continue
         if key == "confidence":
             limit = float(m.confidence.max_drop)
             drop = (reference - value) / reference if reference > 0 else 0.0
             if drop > limit:
-                alerts.append(Alert("confidence", "confidence/drop", drop, limit,
-                                    f"average confidence {value:.3f} is {drop:.1%} below the baseline {reference:.3f} "
-                                    f"of v{version} (alert above {limit:.0%})"))  # fmt: skip
+                alerts.append(
+                    Alert(
+                        "confidence",
+                        "confidence/drop",
+                        drop,
+                        limit,
+                        f"average confidence {value:.3f} is {drop:.1%} below the baseline {reference:.3f} "
+                        f"of v{version} (alert above {limit:.0%})",
+                    )
+                )
         else:
             limit = float(m.latency.max_ratio)
             ratio = value / reference if reference > 0 else float("inf")
             if ratio > limit:
-                alerts.append(Alert("latency", "latency/ratio", ratio, limit,
-                                    f"latency {value:.1f} ms per image is {ratio:.1f}x the baseline {reference:.1f} ms "
-                                    f"of v{version} (alert above {limit:g}x)"))  # fmt: skip
+                alerts.append(
+                    Alert(
+                        "latency",
+                        "latency/ratio",
+                        ratio,
+                        limit,
+                        f"latency {value:.1f} ms per image is {ratio:.1f}x the baseline {reference:.1f} ms "
+                        f"of v{version} (alert above {limit:g}x)",
+                    )
+                )
     return alerts
 
 
@@ -377,10 +433,14 @@ def log_to_mlflow(cfg: DictConfig, result: dict, window: Window) -> str:
         metrics.append(Metric("reports/per_week", float(count), int(week_end * 1000), index))
     params = [Param(k, str(v)[:6000]) for k, v in _flat(OmegaConf.to_container(cfg.monitor, resolve=True)).items()]
     alerts = result["alerts"]
-    tags = [RunTag("stage", "monitor"), RunTag("monitor.status", "alert" if alerts else "ok"),
-            RunTag("monitor.since", result["window"]["since"]), RunTag("monitor.until", result["window"]["until"]),
-            RunTag("monitor.version", str(result["version"])),
-            RunTag("monitor.alerts", "; ".join(a["message"] for a in alerts)[:5000] or "none")]  # fmt: skip
+    tags = [
+        RunTag("stage", "monitor"),
+        RunTag("monitor.status", "alert" if alerts else "ok"),
+        RunTag("monitor.since", result["window"]["since"]),
+        RunTag("monitor.until", result["window"]["until"]),
+        RunTag("monitor.version", str(result["version"])),
+        RunTag("monitor.alerts", "; ".join(a["message"] for a in alerts)[:5000] or "none"),
+    ]
     client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "monitor.json"
@@ -411,9 +471,13 @@ def raise_trigger(cfg: DictConfig, alerts: list[Alert], window: Window) -> Path:
     """Write the performance trigger flag (JSON with ``reason``), atomically; returns its path."""
     path = flag_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"reason": "; ".join(a.message for a in alerts), "raised_by": "detloop monitor",
-              "raised_at": iso(time.time()), "window": {"since": iso(window.since), "until": iso(window.until)},
-              "alerts": [asdict(a) for a in alerts]}  # fmt: skip
+    record = {
+        "reason": "; ".join(a.message for a in alerts),
+        "raised_by": "detloop monitor",
+        "raised_at": iso(time.time()),
+        "window": {"since": iso(window.since), "until": iso(window.until)},
+        "alerts": [asdict(a) for a in alerts],
+    }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
@@ -424,8 +488,13 @@ def raise_trigger(cfg: DictConfig, alerts: list[Alert], window: Window) -> Path:
 # --------------------------------------------------------------------------- the command
 
 
-def run(cfg: DictConfig, window: Window, raise_flag: bool | None = None, log_store: predlog.PredictionLog | None = None,
-        to_mlflow: bool | None = None) -> dict:  # fmt: skip
+def run(
+    cfg: DictConfig,
+    window: Window,
+    raise_flag: bool | None = None,
+    log_store: predlog.PredictionLog | None = None,
+    to_mlflow: bool | None = None,
+) -> dict:
     """Measure the window, decide the alerts, log to MLflow and raise the trigger when asked.
 
     Returns ``{window, metrics, alerts, skipped, trigger, mlflow_run_id, ...}`` (JSON-ready).
@@ -440,9 +509,16 @@ def run(cfg: DictConfig, window: Window, raise_flag: bool | None = None, log_sto
         if owned:
             store.close()
     alerts, skipped = check(cfg, found)
-    result = {**found, "alerts": [asdict(a) for a in alerts], "skipped": skipped, "metrics": metrics_of(found),
-              "predlog": predlog.shown_uri(store.uri), "seconds": time.perf_counter() - started,
-              "trigger": None, "mlflow_run_id": None}  # fmt: skip
+    result = {
+        **found,
+        "alerts": [asdict(a) for a in alerts],
+        "skipped": skipped,
+        "metrics": metrics_of(found),
+        "predlog": predlog.shown_uri(store.uri),
+        "seconds": time.perf_counter() - started,
+        "trigger": None,
+        "mlflow_run_id": None,
+    }
     kinds = set(cfg.monitor.trigger.alerts)
     raising = [a for a in alerts if a.kind in kinds]
     if (cfg.monitor.trigger["raise"] if raise_flag is None else raise_flag) and raising:
@@ -454,8 +530,11 @@ def run(cfg: DictConfig, window: Window, raise_flag: bool | None = None, log_sto
 
 def _check_config(cfg: DictConfig) -> None:
     m = cfg.monitor
-    problems = [f"monitor.trigger.alerts: unknown kind {k!r} (one of {', '.join(ALERT_KINDS)})"
-                for k in m.trigger.alerts if k not in ALERT_KINDS]  # fmt: skip
+    problems = [
+        f"monitor.trigger.alerts: unknown kind {k!r} (one of {', '.join(ALERT_KINDS)})"
+        for k in m.trigger.alerts
+        if k not in ALERT_KINDS
+    ]
     if not 0.0 <= float(m.latency.quantile) <= 1.0:
         problems.append(f"monitor.latency.quantile={m.latency.quantile}: must be in [0, 1]")
     if int(m.reports.rising_weeks) < 1:
@@ -467,13 +546,17 @@ def _check_config(cfg: DictConfig) -> None:
 def format_result(result: dict) -> str:
     """The terminal report: window, figures, baseline, alerts."""
     base = result["baseline"]
-    lines = [f"window {result['window']['since']} .. {result['window']['until']}: {result['images']} scored images, "
-             f"{result['refused_requests']} refused requests, {result['reports_received']} reports received"]
+    lines = [
+        f"window {result['window']['since']} .. {result['window']['until']}: {result['images']} scored images, "
+        f"{result['refused_requests']} refused requests, {result['reports_received']} reports received"
+    ]
     rates = ", ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in result["detection_rate"].items())
     lines.append(f"detection rate per class: {rates}")
-    lines.append(f"average confidence: {_num(result['version_confidence'])} (v{result['version']}) vs baseline "
-                 f"{_num(base['confidence'])}; latency q{result['latency_quantile']:g}: "
-                 f"{_num(result['latency_ms'], 1)} ms vs baseline {_num(base['latency_ms'], 1)} ms")
+    lines.append(
+        f"average confidence: {_num(result['version_confidence'])} (v{result['version']}) vs baseline "
+        f"{_num(base['confidence'])}; latency q{result['latency_quantile']:g}: "
+        f"{_num(result['latency_ms'], 1)} ms vs baseline {_num(base['latency_ms'], 1)} ms"
+    )
     lines.append(f"baseline: v{base['version']} {base['since']} .. {base['until']} ({base['images']} images)")
     lines.append(f"failure reports per week (oldest first): {' '.join(map(str, result['reports_per_week']))}")
     lines += [f"skipped: {s}" for s in result["skipped"]]

@@ -127,8 +127,12 @@ def detection_fields(rows: Iterable[Mapping]) -> dict:
         dets.append([int(r["class_id"]), round(conf, ROUND), *box])
         if r["class_name"] not in names:
             names.append(str(r["class_name"]))
-    return {"n_detections": len(dets), "confidence_sum": total, "classes": class_field(names),
-            "detections": json.dumps(dets, separators=(",", ":"))}  # fmt: skip
+    return {
+        "n_detections": len(dets),
+        "confidence_sum": total,
+        "classes": class_field(names),
+        "detections": json.dumps(dets, separators=(",", ":")),
+    }
 
 
 def class_field(names: Iterable[str]) -> str:

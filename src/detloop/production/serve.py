@@ -84,8 +84,14 @@ class Limits:
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Limits:
         lim = cfg.serve.limits
-        return cls(int(lim.max_body_bytes), int(lim.max_image_bytes), int(lim.max_pixels), int(lim.max_images),
-                   int(lim.min_side), bool(lim.allow_paths))  # fmt: skip
+        return cls(
+            int(lim.max_body_bytes),
+            int(lim.max_image_bytes),
+            int(lim.max_pixels),
+            int(lim.max_images),
+            int(lim.min_side),
+            bool(lim.allow_paths),
+        )
 
 
 @dataclass(frozen=True)
@@ -126,42 +132,58 @@ def check_image_bytes(raw: bytes, where: str, limits: Limits) -> CheckedImage:
     if not raw:
         raise RequestRefused(400, f"{where}: the image is empty (0 bytes)")
     if len(raw) > limits.max_image_bytes:
-        raise RequestRefused(413, f"{where}: image of {len(raw)} bytes is larger than "
-                             f"serve.limits.max_image_bytes={limits.max_image_bytes}")  # fmt: skip
+        raise RequestRefused(
+            413,
+            f"{where}: image of {len(raw)} bytes is larger than serve.limits.max_image_bytes={limits.max_image_bytes}",
+        )
     try:  # PIL's own pixel limit is off here: the size is checked from the header, before decoding
         with strict_pil(None), Image.open(io.BytesIO(raw)) as im:
             fmt, (width, height) = str(im.format or "").lower(), im.size
             if width * height > limits.max_pixels:
-                raise RequestRefused(413, f"{where}: image of {width}x{height} px is larger than "
-                                     f"serve.limits.max_pixels={limits.max_pixels}")  # fmt: skip
+                raise RequestRefused(
+                    413,
+                    f"{where}: image of {width}x{height} px is larger than serve.limits.max_pixels={limits.max_pixels}",
+                )
             im.load()
     except RequestRefused:
         raise
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError ...) for bad bytes
         raise RequestRefused(400, f"{where}: {_decode_problem(err)}") from err
     if fmt not in PIL_FORMATS:
-        raise RequestRefused(415, f"{where}: content is {fmt.upper() or 'unknown'}, not a supported image format",
-                             [f"supported: {', '.join(sorted(PIL_FORMATS))}"])  # fmt: skip
+        raise RequestRefused(
+            415,
+            f"{where}: content is {fmt.upper() or 'unknown'}, not a supported image format",
+            [f"supported: {', '.join(sorted(PIL_FORMATS))}"],
+        )
     if fmt in ("jpeg", "mpo") and not raw.rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise RequestRefused(400, f"{where}: JPEG is truncated (no end-of-image marker)")
     if min(width, height) < limits.min_side:
-        raise RequestRefused(400, f"{where}: image is {width}x{height} px, smaller than "
-                             f"serve.limits.min_side={limits.min_side} px")  # fmt: skip
+        raise RequestRefused(
+            400, f"{where}: image is {width}x{height} px, smaller than serve.limits.min_side={limits.min_side} px"
+        )
     return CheckedImage(raw, sha256_bytes(raw), fmt, width, height)
 
 
 def parse_request(body: bytes, content_type: str | None, limits: Limits) -> list[CheckedImage]:
     """The checked images of a scoring request (JSON scoring protocol or one raw image body)."""
     if not body:
-        raise RequestRefused(400, "empty request: the body holds no data",
-                             ["send JSON with one of " + ", ".join(JSON_FORMATS) + " (column 'image': base64 "
-                              "image bytes), or one image as the body with Content-Type: image/..."])  # fmt: skip
+        raise RequestRefused(
+            400,
+            "empty request: the body holds no data",
+            [
+                "send JSON with one of " + ", ".join(JSON_FORMATS) + " (column 'image': base64 "
+                "image bytes), or one image as the body with Content-Type: image/..."
+            ],
+        )
     mime = (content_type or "").split(";")[0].strip().lower()
     if mime.startswith(RAW_TYPES):
         return [check_image_bytes(body, "body", limits)]
     if mime != "application/json":
-        raise RequestRefused(415, f"unsupported Content-Type {content_type or '(none)'!r}",
-                             ["use application/json (MLflow scoring protocol) or image/<format> (one raw image)"])
+        raise RequestRefused(
+            415,
+            f"unsupported Content-Type {content_type or '(none)'!r}",
+            ["use application/json (MLflow scoring protocol) or image/<format> (one raw image)"],
+        )
     return frame_images(parse_frame(decode_json(body)), limits)
 
 
@@ -174,8 +196,10 @@ def decode_json(body: bytes):
     except json.JSONDecodeError as err:
         raise RequestRefused(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
     if not isinstance(payload, dict):
-        raise RequestRefused(400, f"the JSON body must be an object with one of {', '.join(JSON_FORMATS)}; "
-                             f"got a {type(payload).__name__}")  # fmt: skip
+        raise RequestRefused(
+            400,
+            f"the JSON body must be an object with one of {', '.join(JSON_FORMATS)}; got a {type(payload).__name__}",
+        )
     return payload
 
 
@@ -189,8 +213,9 @@ def parse_frame(payload: dict):
 
     keys = [k for k in payload if k in JSON_FORMATS]
     if len(keys) != 1:
-        raise RequestRefused(400, f"the JSON body needs exactly one of {', '.join(JSON_FORMATS)}; "
-                             f"got keys {sorted(payload)}")  # fmt: skip
+        raise RequestRefused(
+            400, f"the JSON body needs exactly one of {', '.join(JSON_FORMATS)}; got keys {sorted(payload)}"
+        )
     try:
         data = infer_and_parse_data({keys[0]: payload[keys[0]]}, signature().inputs)
         return data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
@@ -219,8 +244,11 @@ def image_bytes(value, row: int, limits: Limits) -> bytes:
     if limits.allow_paths and len(value) < 4096 and Path(value).is_file():
         return Path(value).read_bytes()
     if len(value) * 3 // 4 > limits.max_image_bytes + 3:
-        raise RequestRefused(413, f"row {row}: image of about {len(value) * 3 // 4} bytes is larger than "
-                             f"serve.limits.max_image_bytes={limits.max_image_bytes}")  # fmt: skip
+        raise RequestRefused(
+            413,
+            f"row {row}: image of about {len(value) * 3 // 4} bytes is larger than "
+            f"serve.limits.max_image_bytes={limits.max_image_bytes}",
+        )
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as err:
@@ -271,8 +299,9 @@ class WatchState:
 class ModelWatcher:
     """Serves the holder of ``alias``: polls it and swaps a newly promoted (or rolled back) version in."""
 
-    def __init__(self, name: str, alias: str, poll_seconds: float,
-                 loader: Callable[[str, str], ServedModel] = load_version):  # fmt: skip
+    def __init__(
+        self, name: str, alias: str, poll_seconds: float, loader: Callable[[str, str], ServedModel] = load_version
+    ):
         self.name, self.alias, self.poll_seconds = name, alias, float(poll_seconds)
         self.loader = loader
         self.state = WatchState()
@@ -296,9 +325,13 @@ class ModelWatcher:
         """Load the alias holder at start; BadInput (exit 2) when no version holds the alias."""
         version = self.holder()
         if version is None:
-            raise BadInput(f"nothing to serve: no version of {self.name} holds '{self.alias}'",
-                           ["promote one first: detloop promote VERSION --reviewer NAME --reason TEXT",
-                            "or serve another alias: serve.alias=staging"])  # fmt: skip
+            raise BadInput(
+                f"nothing to serve: no version of {self.name} holds '{self.alias}'",
+                [
+                    "promote one first: detloop promote VERSION --reviewer NAME --reason TEXT",
+                    "or serve another alias: serve.alias=staging",
+                ],
+            )
         self._current = self.loader(self.name, version)
         self.state.checked_at = _now()
         return self._current
@@ -324,8 +357,9 @@ class ModelWatcher:
         try:
             loaded = self.loader(self.name, version)
         except Exception as err:  # a broken version must not take the server down
-            self.state.error = (f"loading v{version} failed ({type(err).__name__}: {err}); "
-                                f"still serving v{self.current.version}")  # fmt: skip
+            self.state.error = (
+                f"loading v{version} failed ({type(err).__name__}: {err}); still serving v{self.current.version}"
+            )
             self.state.failed_version = version
             log.error("%s", self.state.error)
             return False
@@ -339,8 +373,9 @@ class ModelWatcher:
     def start(self) -> None:
         """Poll the alias every ``poll_seconds`` in a daemon thread."""
         if self.poll_seconds <= 0:
-            log.info("serve.poll_seconds=%s: the alias is not polled; restart to serve a new version",
-                     self.poll_seconds)
+            log.info(
+                "serve.poll_seconds=%s: the alias is not polled; restart to serve a new version", self.poll_seconds
+            )
             return
         self._thread = threading.Thread(target=self._poll, name="alias-watcher", daemon=True)
         self._thread.start()
@@ -449,7 +484,7 @@ class Batcher:
             return
         offset = 0
         for job in batch:
-            job.result = results[offset:offset + len(job.images)]
+            job.result = results[offset : offset + len(job.images)]
             for row, detections in enumerate(job.result):  # rows count within each request again
                 for detection in detections:
                     detection["row"] = row
@@ -539,16 +574,34 @@ class Service:
             return self._refused(err, body, served, request_id, arrived, started, "invocations")
         except Exception as err:
             log.exception("request %s failed", request_id)
-            return self._refused(RequestRefused(500, f"prediction failed: {type(err).__name__}: {err}"), body,
-                                 served, request_id, arrived, started, "invocations")  # fmt: skip
+            return self._refused(
+                RequestRefused(500, f"prediction failed: {type(err).__name__}: {err}"),
+                body,
+                served,
+                request_id,
+                arrived,
+                started,
+                "invocations",
+            )
         elapsed = (time.perf_counter() - started) * 1000.0
         records = [
-            predlog.Record(ts=arrived, request_id=request_id, endpoint="invocations", status=200,
-                           model_version=served.version, latency_ms=elapsed / len(images), request_ms=elapsed,
-                           batch_size=len(images), image_sha256=im.sha256, image_path=path, width=im.width,
-                           height=im.height, **predlog.detection_fields(dets))
+            predlog.Record(
+                ts=arrived,
+                request_id=request_id,
+                endpoint="invocations",
+                status=200,
+                model_version=served.version,
+                latency_ms=elapsed / len(images),
+                request_ms=elapsed,
+                batch_size=len(images),
+                image_sha256=im.sha256,
+                image_path=path,
+                width=im.width,
+                height=im.height,
+                **predlog.detection_fields(dets),
+            )
             for im, path, dets in zip(images, paths, per_row, strict=True)
-        ]  # fmt: skip
+        ]
         if (failed := self._write(records)) is not None:
             return failed
         payload = {
@@ -556,23 +609,49 @@ class Service:
             "model_version": served.version,
             "model_uri": served.uri,
             "request_id": request_id,
-            "images": [{"row": i, "sha256": im.sha256, "width": im.width, "height": im.height,
-                        "detections": len(dets)} for i, (im, dets) in enumerate(zip(images, per_row, strict=True))],
-        }  # fmt: skip
+            "images": [
+                {"row": i, "sha256": im.sha256, "width": im.width, "height": im.height, "detections": len(dets)}
+                for i, (im, dets) in enumerate(zip(images, per_row, strict=True))
+            ],
+        }
         return Answer(200, payload)
 
-    def _refused(self, err: RequestRefused, body: bytes, served: ServedModel, request_id: str, arrived: float,
-                 started: float, endpoint: str) -> Answer:  # fmt: skip
+    def _refused(
+        self,
+        err: RequestRefused,
+        body: bytes,
+        served: ServedModel,
+        request_id: str,
+        arrived: float,
+        started: float,
+        endpoint: str,
+    ) -> Answer:
         elapsed = (time.perf_counter() - started) * 1000.0
         message = err.render()
-        record = predlog.Record(ts=arrived, request_id=request_id, endpoint=endpoint, status=err.status,
-                                model_version=served.version, error=message[:ERROR_CHARS], latency_ms=elapsed,
-                                request_ms=elapsed, image_sha256=sha256_bytes(body) if body else None)  # fmt: skip
+        record = predlog.Record(
+            ts=arrived,
+            request_id=request_id,
+            endpoint=endpoint,
+            status=err.status,
+            model_version=served.version,
+            error=message[:ERROR_CHARS],
+            latency_ms=elapsed,
+            request_ms=elapsed,
+            image_sha256=sha256_bytes(body) if body else None,
+        )
         if (failed := self._write([record])) is not None:
             return failed
         log.info("request %s refused (%d): %s", request_id, err.status, err.summary)
-        return Answer(err.status, {"error": err.summary, "problems": err.problems, "status": err.status,
-                                   "request_id": request_id, "model_version": served.version})  # fmt: skip
+        return Answer(
+            err.status,
+            {
+                "error": err.summary,
+                "problems": err.problems,
+                "status": err.status,
+                "request_id": request_id,
+                "model_version": served.version,
+            },
+        )
 
     def _write(self, records: list[predlog.Record]) -> Answer | None:
         """Write the log rows; a 503 answer when the log cannot take them (nothing is answered unlogged)."""
@@ -580,8 +659,13 @@ class Service:
             self.predlog.write(records)
         except Exception as err:  # the database is down or full: say so instead of answering unlogged
             log.error("prediction log %s: write failed: %s", predlog.shown_uri(self.predlog.uri), err)
-            return Answer(503, {"error": f"the prediction log cannot be written ({type(err).__name__}); "
-                                "the request was not scored", "status": 503})  # fmt: skip
+            return Answer(
+                503,
+                {
+                    "error": f"the prediction log cannot be written ({type(err).__name__}); the request was not scored",
+                    "status": 503,
+                },
+            )
         return None
 
     # ------------------------------------------------------------------ reports
@@ -598,18 +682,45 @@ class Service:
         except RequestRefused as err:
             return self._refused(err, body, served, request_id, arrived, started, "report")
         except BadInput as err:  # the inbox itself is unusable (no anchor manifest ...): not the client's fault
-            return self._refused(RequestRefused(503, f"the inbox cannot take reports: {err.summary}", err.problems),
-                                 body, served, request_id, arrived, started, "report")  # fmt: skip
+            return self._refused(
+                RequestRefused(503, f"the inbox cannot take reports: {err.summary}", err.problems),
+                body,
+                served,
+                request_id,
+                arrived,
+                started,
+                "report",
+            )
         elapsed = (time.perf_counter() - started) * 1000.0
-        record = predlog.Record(ts=arrived, request_id=request_id, endpoint="report", status=201,
-                                model_version=served.version, latency_ms=elapsed, request_ms=elapsed, batch_size=1,
-                                image_sha256=image.sha256, image_path=result["path"], width=image.width,
-                                height=image.height, **predlog.detection_fields(detections))  # fmt: skip
+        record = predlog.Record(
+            ts=arrived,
+            request_id=request_id,
+            endpoint="report",
+            status=201,
+            model_version=served.version,
+            latency_ms=elapsed,
+            request_ms=elapsed,
+            batch_size=1,
+            image_sha256=image.sha256,
+            image_path=result["path"],
+            width=image.width,
+            height=image.height,
+            **predlog.detection_fields(detections),
+        )
         if (failed := self._write([record])) is not None:
             return failed
-        return Answer(201, {"id": result["id"], "inbox": str(self.inbox), "inbox_size": result["inbox_size"],
-                            "proposed_labels": result["labels"], "model_version": served.version,
-                            "request_id": request_id, "predictions": detections})  # fmt: skip
+        return Answer(
+            201,
+            {
+                "id": result["id"],
+                "inbox": str(self.inbox),
+                "inbox_size": result["inbox_size"],
+                "proposed_labels": result["labels"],
+                "model_version": served.version,
+                "request_id": request_id,
+                "predictions": detections,
+            },
+        )
 
     def _to_inbox(self, image: CheckedImage, detections: list[dict], note: str | None) -> dict:
         """Keep the reported image, write the proposed labels beside a temp copy, add it to the inbox."""
@@ -620,32 +731,52 @@ class Service:
 
     def health(self) -> dict:
         served, state = self.watcher.current, self.watcher.state
-        return {"status": "ok", "model": served.name, "alias": self.watcher.alias, "version": served.version,
-                "model_uri": served.uri, "loaded_at": served.loaded_at, "started_at": self.started_at,
-                "alias_checked_at": state.checked_at, "poll_seconds": self.watcher.poll_seconds,
-                "alias_error": state.error, "swaps": state.swaps[-10:], "model_calls": self.batcher.calls,
-                "predlog": predlog.shown_uri(self.predlog.uri)}  # fmt: skip
+        return {
+            "status": "ok",
+            "model": served.name,
+            "alias": self.watcher.alias,
+            "version": served.version,
+            "model_uri": served.uri,
+            "loaded_at": served.loaded_at,
+            "started_at": self.started_at,
+            "alias_checked_at": state.checked_at,
+            "poll_seconds": self.watcher.poll_seconds,
+            "alias_error": state.error,
+            "swaps": state.swaps[-10:],
+            "model_calls": self.batcher.calls,
+            "predlog": predlog.shown_uri(self.predlog.uri),
+        }
 
     def versions(self) -> dict:
         from importlib.metadata import version
 
-        return {"model": self.watcher.name, "model_version": self.watcher.current.version,
-                "detloop": version("detloop"), "mlflow": version("mlflow")}  # fmt: skip
+        return {
+            "model": self.watcher.name,
+            "model_version": self.watcher.current.version,
+            "detloop": version("detloop"),
+            "mlflow": version("mlflow"),
+        }
 
 
-def parse_report(body: bytes, content_type: str | None, note: str | None,
-                 limits: Limits) -> tuple[CheckedImage, str | None]:  # fmt: skip
+def parse_report(
+    body: bytes, content_type: str | None, note: str | None, limits: Limits
+) -> tuple[CheckedImage, str | None]:
     """The image (and note) of a report: JSON ``{"image": base64, "note": ...}`` or a raw image body."""
     if not body:
-        raise RequestRefused(400, "empty report: the body holds no data",
-                             ['send JSON {"image": "<base64>", "note": "..."} or the image as the body '
-                              "with Content-Type: image/..."])
+        raise RequestRefused(
+            400,
+            "empty report: the body holds no data",
+            ['send JSON {"image": "<base64>", "note": "..."} or the image as the body with Content-Type: image/...'],
+        )
     mime = (content_type or "").split(";")[0].strip().lower()
     if mime.startswith(RAW_TYPES):
         return check_image_bytes(body, "body", limits), note
     if mime != "application/json":
-        raise RequestRefused(415, f"unsupported Content-Type {content_type or '(none)'!r}",
-                             ['use application/json ({"image": "<base64>", "note": "..."}) or image/<format>'])
+        raise RequestRefused(
+            415,
+            f"unsupported Content-Type {content_type or '(none)'!r}",
+            ['use application/json ({"image": "<base64>", "note": "..."}) or image/<format>'],
+        )
     payload = decode_json(body)
     if "image" not in payload:
         raise RequestRefused(400, f"a report needs the key 'image' (base64 image bytes); got keys {sorted(payload)}")
@@ -672,10 +803,12 @@ def add_report(cfg: DictConfig, image: Path, detections: list[dict], note: str |
         reason = "; ".join(item["reason"] for item in result["refused"])
         status = 409 if "duplicate" in reason else 422
         raise RequestRefused(status, f"report refused: {reason}")
-    return {"id": result["accepted"][0], "path": str(image), "labels": len(lines),
-            "inbox_size": result["counts"]["inbox_size"]}  # fmt: skip
-
-
+    return {
+        "id": result["accepted"][0],
+        "path": str(image),
+        "labels": len(lines),
+        "inbox_size": result["counts"]["inbox_size"],
+    }
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -713,13 +846,15 @@ def create_app(service: Service):
         content_type, note = request.headers.get("content-type"), request.query_params.get("note")
         return reply(await run_in_threadpool(service.report, body, content_type, note))
 
-    return Starlette(routes=[
-        Route("/health", health, methods=["GET"]),
-        Route("/ping", health, methods=["GET"]),
-        Route("/version", version, methods=["GET"]),
-        Route("/invocations", invocations, methods=["POST"]),
-        Route("/report", report, methods=["POST"]),
-    ])  # fmt: skip
+    return Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/ping", health, methods=["GET"]),
+            Route("/version", version, methods=["GET"]),
+            Route("/invocations", invocations, methods=["POST"]),
+            Route("/report", report, methods=["POST"]),
+        ]
+    )
 
 
 async def read_body(request, limit: int) -> tuple[bytes, str | None]:
@@ -744,8 +879,9 @@ async def read_body(request, limit: int) -> tuple[bytes, str | None]:
 
 def _refuse_body(service: Service, message: str, endpoint: str) -> Answer:
     started, arrived = time.perf_counter(), time.time()
-    return service._refused(RequestRefused(413, message), b"", service.watcher.current, predlog.new_request_id(),
-                            arrived, started, endpoint)  # fmt: skip
+    return service._refused(
+        RequestRefused(413, message), b"", service.watcher.current, predlog.new_request_id(), arrived, started, endpoint
+    )
 
 
 def build_service(cfg: DictConfig) -> Service:
@@ -766,12 +902,25 @@ def serve(cfg: DictConfig, host: str | None = None, port: int | None = None) -> 
     host = host or str(cfg.serve.host)
     port = int(port if port is not None else cfg.serve.port)
     service.watcher.start()
-    log.info("serving %s v%s ('%s') on http://%s:%d; prediction log %s", service.watcher.name,
-             service.watcher.current.version, service.watcher.alias, host, port,
-             predlog.shown_uri(service.predlog.uri))  # fmt: skip
+    log.info(
+        "serving %s v%s ('%s') on http://%s:%d; prediction log %s",
+        service.watcher.name,
+        service.watcher.current.version,
+        service.watcher.alias,
+        host,
+        port,
+        predlog.shown_uri(service.predlog.uri),
+    )
     try:
-        uvicorn.run(create_app(service), host=host, port=port, workers=1, access_log=False, log_level="warning",
-                    timeout_graceful_shutdown=10)  # fmt: skip
+        uvicorn.run(
+            create_app(service),
+            host=host,
+            port=port,
+            workers=1,
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+        )
     finally:
         service.watcher.stop()
         service.predlog.close()

@@ -77,8 +77,10 @@ def promote_version(
     tags = version_tags(cfg, version)
     kind, gated = tags.get("kind", ""), tags.get("gate.decision")
     if alias == "base" and kind != "base":
-        raise BadInput(f"version {version} is kind={kind or '?'}: only a base model can take 'base'",
-                       ["fine-tunes always start from a base model; they are never chained (tag kind)"])  # fmt: skip
+        raise BadInput(
+            f"version {version} is kind={kind or '?'}: only a base model can take 'base'",
+            ["fine-tunes always start from a base model; they are never chained (tag kind)"],
+        )
     needs_force = gated is None or gated == "reject"
     if needs_force and not force:
         problem = "has no gate record (tag gate.decision)" if gated is None else "was rejected (gate.decision=reject)"
@@ -91,8 +93,12 @@ def promote_version(
         log.info("v%s already holds %s: nothing changed", version, alias)
         return {"alias": alias, "from": holder, "to": version, "moved": False, "forced": False}
     if kind == "base" and alias == "production":
-        log.warning("v%s is a base model: its gate compared it with base v%s, not with production v%s",
-                    version, tags.get("gate.reference_version", "?"), holder or "-")  # fmt: skip
+        log.warning(
+            "v%s is a base model: its gate compared it with base v%s, not with production v%s",
+            version,
+            tags.get("gate.reference_version", "?"),
+            holder or "-",
+        )
     forced = force and needs_force
     new_tags = {"promoted_by": reviewer, "promote_reason": reason}
     if alias == "production" and holder:
@@ -101,8 +107,9 @@ def promote_version(
         new_tags["forced_promotion"] = "true"
     registry.set_version_tags(name, version, new_tags)
     audit = {"audit.kind": kind, "audit.gate_decision": gated or "", **({"audit.forced": "true"} if forced else {})}
-    previous = registry.move_alias(cfg, alias, version, why=reason, who=reviewer, decision="promote",
-                                   figures=gate_figures(tags), tags=audit)  # fmt: skip
+    previous = registry.move_alias(
+        cfg, alias, version, why=reason, who=reviewer, decision="promote", figures=gate_figures(tags), tags=audit
+    )
     if alias == "production":
         took_production(cfg, version)
         clear_staging_of(cfg, version, who=reviewer, why=reason, decision="promote")
@@ -138,8 +145,10 @@ def rollback(cfg: DictConfig, *, to: str | None = None, reviewer: str | None = N
     if to is None:
         target = previous_production(moves, current)
         if target is None:
-            raise BadInput(f"no previous production version before v{current} in the audit trail",
-                           ["name one with --to VERSION (a version that served before)"])  # fmt: skip
+            raise BadInput(
+                f"no previous production version before v{current} in the audit trail",
+                ["name one with --to VERSION (a version that served before)"],
+            )
         version_tags(cfg, target)  # it may have been deleted since
     else:
         target = str(to).strip()
@@ -147,11 +156,13 @@ def rollback(cfg: DictConfig, *, to: str | None = None, reviewer: str | None = N
         if target == current:
             raise BadInput(f"version {target} already holds 'production': nothing to roll back")
         if target not in {m["to_version"] for m in moves}:
-            raise BadInput(f"version {target} never held 'production': a rollback only returns to a version "
-                           "that served before", [f"to ship it, promote it: detloop promote {target} "
-                                                  "--reviewer NAME --reason TEXT"])  # fmt: skip
-    registry.move_alias(cfg, "production", target, why=reason, who=reviewer, decision="rollback",
-                        tags={"audit.rolled_back": current})  # fmt: skip
+            raise BadInput(
+                f"version {target} never held 'production': a rollback only returns to a version that served before",
+                [f"to ship it, promote it: detloop promote {target} --reviewer NAME --reason TEXT"],
+            )
+    registry.move_alias(
+        cfg, "production", target, why=reason, who=reviewer, decision="rollback", tags={"audit.rolled_back": current}
+    )
     registry.set_version_tags(name, current, {"rolled_back": "true"})
     took_production(cfg, target)
     return {"alias": "production", "from": current, "to": target, "reviewer": reviewer, "reason": reason}

@@ -88,8 +88,17 @@ def clear_alias(cfg: DictConfig, alias: str, *, why: str, who: str | None = None
     return _recorded_move(cfg, alias, "", why=why, who=who, decision=decision, figures=None, tags=None)
 
 
-def _recorded_move(cfg: DictConfig, alias: str, version: str, *, why: str, who: str | None, decision: str,
-                   figures: dict | None, tags: dict | None) -> str | None:  # fmt: skip
+def _recorded_move(
+    cfg: DictConfig,
+    alias: str,
+    version: str,
+    *,
+    why: str,
+    who: str | None,
+    decision: str,
+    figures: dict | None,
+    tags: dict | None,
+) -> str | None:
     """Settle earlier interrupted moves, open the audit run, move (``version`` '' = remove) and close the run.
 
     Nothing is recorded when ``alias`` already is where it should be; returns the previous holder.
@@ -105,8 +114,14 @@ def _recorded_move(cfg: DictConfig, alias: str, version: str, *, why: str, who: 
     else:
         client().delete_registered_model_alias(name, alias)
     client().set_terminated(run_id, "FINISHED")
-    log.info("%s: v%s -> %s (%s: %s)", alias, previous or "-", f"v{version}" if version else "-",
-             who or getpass.getuser(), why)  # fmt: skip
+    log.info(
+        "%s: v%s -> %s (%s: %s)",
+        alias,
+        previous or "-",
+        f"v{version}" if version else "-",
+        who or getpass.getuser(),
+        why,
+    )
     return previous
 
 
@@ -274,8 +289,18 @@ def _decision(tags: dict) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The registry as a fixed-width table for the terminal (Gate 1 drop, Gate 2 detection rate)."""
-    header = ["version", "aliases", "kind", "base", "decision", "gate1 drop", "gate2 rate", "anchor mAP50", "created",
-              "run"]  # fmt: skip
+    header = [
+        "version",
+        "aliases",
+        "kind",
+        "base",
+        "decision",
+        "gate1 drop",
+        "gate2 rate",
+        "anchor mAP50",
+        "created",
+        "run",
+    ]
     lines = [header]
     for row in rows:
         tags = row["tags"]
@@ -325,8 +350,11 @@ def last_finetune_from_registry(cfg: DictConfig) -> dict | None:
             log.warning("%s version %s is a fine-tune without a pool.size tag; skipped", name, version.version)
             continue
         created = datetime.fromtimestamp(version.creation_timestamp / 1000, UTC)
-        return {"version": str(version.version), "pool_size": int(size),
-                "created": created.isoformat(timespec="seconds")}
+        return {
+            "version": str(version.version),
+            "pool_size": int(size),
+            "created": created.isoformat(timespec="seconds"),
+        }
     return None
 
 

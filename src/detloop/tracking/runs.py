@@ -174,7 +174,8 @@ def _sweep_parent(experiment_id: str, sweep_dir: str, stage: str) -> str:
     """The parent run that groups a sweep's jobs in the MLflow UI (created by the first job)."""
     client = mlflow.MlflowClient()
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_dir}' and tags.`detloop.sweep` = 'parent'",
+        [experiment_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_dir}' and tags.`detloop.sweep` = 'parent'",
         max_results=1,
     )
     if found:

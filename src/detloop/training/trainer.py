@@ -99,7 +99,9 @@ def starting_version(cfg: DictConfig) -> str:
     if kind != "base":
         raise BadInput(
             f"refusing to fine-tune from version {version} (kind={kind}): never chain fine-tunes",
-            [f"finetune.base_version={pinned}: fine-tunes always start from a base model; "
-             "leave it null to use the 'base' alias"],
-        )  # fmt: skip
+            [
+                f"finetune.base_version={pinned}: fine-tunes always start from a base model; "
+                "leave it null to use the 'base' alias"
+            ],
+        )
     return version
