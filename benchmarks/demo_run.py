@@ -93,7 +93,7 @@ def failure_images(cfg) -> list[Path]:
 def finetune_figures(cfg) -> dict | None:
     """The demo fine-tune next to its base: anchor-test mAP50 and pool-holdout detection rate."""
     from detloop.data.pool import pool_samples
-    from detloop.evaluate import evaluate_model
+    from detloop.evaluation.measure import evaluate_model
 
     path = resolve_path(cfg, "build") / "finetune" / "model.json"
     model = json.loads(path.read_text()) if path.is_file() else {}

@@ -60,6 +60,7 @@ def lineage_key(cfg: DictConfig) -> dict:
     return {
         "stage": STAGE,
         "config_hash": config_hash(cfg.gate),
+        "evaluate_config_hash": config_hash(cfg.evaluate),  # how both models predict
         **{f"{src}_lineage_sha256": sha256_file(p) if p.is_file() else "" for src, p in keys.items()},
         "anchor_manifest_sha256": manifest_hash(resolve_path(cfg, "anchor") / MANIFEST),
         "pool_manifest_sha256": manifest_hash(resolve_path(cfg, "pool") / MANIFEST),

@@ -130,7 +130,8 @@ def test_evaluate_writes_metrics_and_tags_the_version(trained):
     assert 0.0 <= metrics["map50"] <= 1.0
     written = json.loads((base / "build" / "evaluate" / "metrics.json").read_text())
     assert written["model_version"] == "1"
-    assert set(written) >= {"map50", "map50_95", "precision", "recall", "per_class"}
+    assert set(written) >= {"map50", "map50_95", "detection_rate", "per_class"}
+    assert set(written["per_class"].get("title", {})) <= {"ap50", "ap50_95", "detection_rate"}
     tags = registry.versions(cfg)[0]["tags"]
     assert tags["eval.anchor_test.map50"] == f"{metrics['map50']:.4f}"
     run = mlflow.get_run(result["run_id"])

@@ -16,6 +16,7 @@ from tests.conftest import ROOT, tiny_overrides
 from detloop.base import run as run_base
 from detloop.cli.main import main as cli_main
 from detloop.core.config import compose
+from detloop.evaluate import run as run_evaluate
 from detloop.evaluation import gates
 from detloop.finetune import run as run_finetune
 from detloop.gate import run as run_gate
@@ -83,6 +84,29 @@ def test_the_gate_compares_the_candidate_with_production_and_records_the_decisio
     # and no alias moved: that is the promote stage's job
     assert registry.alias_holder(cfg.mlflow.registered_model, "production") == "1"
     assert (base / "build" / "gate" / "retrain.json").read_text().startswith('{\n  "reason"')
+
+
+def test_one_anchor_test_map50_per_version_in_dvc_metrics_registry_and_gate_report(project):
+    overrides, base = project
+    cfg = compose(overrides)
+    # given the evaluate stage measured the base (v1) and the gate measured v2 against it
+    evaluated = run_evaluate(cfg)
+    run_gate(cfg)
+    record = json.loads((base / "build" / "gate" / "decision.json").read_text())
+    dvc_metrics = json.loads((base / "build" / "evaluate" / "metrics.json").read_text())
+    tags = {v["version"]: v["tags"] for v in registry.versions(cfg)}
+    # then v1 has one anchor-test mAP50: DVC metrics = the gate's reference figure = the registry's column
+    ref = record["measured"]["reference"]["anchor_test"]
+    assert dvc_metrics["map50"] == evaluated["map50"] == ref["map50"]
+    assert dvc_metrics["map50_95"] == ref["map50_95"]
+    assert tags["1"]["eval.anchor_test.map50"] == f"{ref['map50']:.4f}"
+    # and the fine-tune (v2) has its figure in the registry too, the one its gate measured
+    cand = record["measured"]["candidate"]["anchor_test"]
+    assert tags["2"]["eval.anchor_test.map50"] == f"{cand['map50']:.4f}"
+    report = mlflow.artifacts.load_text(f"runs:/{record['candidate']['run_id']}/gate/report.md")
+    assert f"| {ref['map50']:.4f} | {cand['map50']:.4f} |" in report
+    table = registry.format_table(registry.versions(cfg))
+    assert f"{cand['map50']:.4f}" in table and f"{ref['map50']:.4f}" in table
 
 
 def test_promote_then_rollback_serves_the_previous_version_through_pyfunc(project):

@@ -26,6 +26,7 @@ from detloop.data.datasets import anchor_images, anchor_names
 from detloop.data.yolo_format import is_image_name
 from detloop.evaluation import evaluator
 from detloop.evaluation.gates import TAG_FIGURES, ab_gate, combine, figures, new_samples_gate, regression_gate, summary
+from detloop.evaluation.measure import figure_tags, measure
 from detloop.evaluation.report import per_class_plot, report_markdown
 from detloop.model.pyfunc import model_weights
 from detloop.tracking import registry, runs
@@ -63,44 +64,6 @@ def ab_sample(cfg: DictConfig) -> list[Path]:
     size = min(int(cfg.gate.ab.size), len(images))
     picks = np.random.default_rng(int(cfg.gate.ab.seed)).choice(len(images), size=size, replace=False)
     return [images[i] for i in sorted(picks.tolist())]
-
-
-def measure(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path], names: dict[int, str]) -> dict:
-    """AP (COCO-style) and detection rates of one model on one set, from one prediction pass."""
-    if not images:
-        return {"images": 0, "objects": 0}
-    ev = cfg.gate.eval
-    gts = evaluator.load_ground_truth(images, num_classes=max(names) + 1)
-    started = time.perf_counter()
-    dets = evaluator.predict(
-        weights,
-        images,
-        imgsz=imgsz,
-        batch=int(ev.batch),
-        device=ev.device,
-        conf=float(ev.conf),
-        iou=float(ev.iou),
-        max_det=int(ev.max_det),
-    )
-    inference_s = time.perf_counter() - started
-    found = evaluator.evaluate_predictions(
-        gts, dets, names, serving_conf=float(cfg.gate.new_samples.conf), match_iou=float(cfg.gate.new_samples.iou)
-    )
-    return {
-        "images": found["images"],
-        "objects": found["objects"],
-        "map50": found["map50"],
-        "map50_95": found["map50_95"],
-        "ap50": {k: v["ap50"] for k, v in found["per_class"].items() if v["n_gt"] > 0},
-        "detection_rate": found["detection_rate"]["rate"],
-        "detection_rate_any_class": found["detection_rate_any_class"]["rate"],
-        "detection_rate_per_class": {  # in class-id order, like ap50
-            name: found["detection_rate"]["per_class"][name]["rate"]
-            for name in names.values()
-            if name in found["detection_rate"]["per_class"]
-        },
-        "timings": {"inference_s": inference_s, "metrics_s": found["timings"]["metrics_s"]},
-    }
 
 
 def reference_version(cfg: DictConfig, candidate: str, alias: str) -> str:
@@ -167,7 +130,12 @@ def _record(cfg: DictConfig, record: dict) -> None:
     }
     tags.update({f"gate.{key}.decision": g["decision"] for key, g in record["gates"].items()})
     tags.update({key: f"{record['figures'][key]:.4f}" for key in TAG_FIGURES if key in record["figures"]})
+    tags.update(figure_tags("anchor_test", record["measured"]["candidate"]["anchor_test"]))
     registry.set_version_tags(name, version, tags)
+    reference = record["production"]["version"]  # measured the same way: one anchor-test mAP50 per version
+    registry.set_version_tags(
+        name, reference, figure_tags("anchor_test", record["measured"]["reference"]["anchor_test"])
+    )
     run_id = record["candidate"]["run_id"]
     if not run_id:
         return

@@ -13,6 +13,9 @@ def report_markdown(record: dict) -> str:
     lines = [f"# Gate report: v{c} vs v{r}", "", f"**Decision: {record['decision'].upper()}**", ""]
     lines += [f"- {line}" for line in record["summary"].splitlines()[1:]] + [""]
     lines += [f"| anchor test, AP50 per class | v{r} | v{c} |", "|---|---|---|"]
+    lines.append(
+        f"| **mAP50 (all classes)** | {ref['anchor_test']['map50']:.4f} | {cand['anchor_test']['map50']:.4f} |"
+    )
     for cls, value in ref["anchor_test"]["ap50"].items():
         lines.append(f"| {cls} | {value:.3f} | {cand['anchor_test']['ap50'].get(cls, float('nan')):.3f} |")
     for key, label in (
