@@ -1,8 +1,9 @@
-"""The import path that models registered by detloop 0.1 name in their code: ``detloop.pyfunc.DetectorModel``.
+"""The stable import path of the model contract: ``detloop.pyfunc.DetectorModel``.
 
-Such a model carries its own copy of the package, but a process that has imported detloop already
-(``detloop serve``, the gate, a notebook) resolves ``detloop.pyfunc`` against the installed package.
-The model contract itself lives in :mod:`detloop.model.pyfunc`.
+Every registered version's code (``serving_model.py``, logged with a copy of the package) imports it
+from here, models registered by detloop 0.1 included. A process that imported detloop already
+(``detloop serve``, the gate, a notebook) resolves it against the installed package; a fresh process
+against the model's own copy. The contract itself lives in :mod:`detloop.model.pyfunc`.
 """
 
 from detloop.model.pyfunc import DetectorModel

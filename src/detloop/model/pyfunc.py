@@ -132,7 +132,7 @@ def log_detector(weights: str | Path, model_config: dict, registered_model_name:
     package = Path(__file__).resolve().parents[1]  # the whole detloop package travels with the model
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=str(package / "model" / "serving_model.py"),
+        python_model=str(package / "serving_model.py"),
         input_example=input_example(),
         artifacts={WEIGHTS_ARTIFACT: str(weights)},
         code_paths=[str(package)],
