@@ -35,10 +35,7 @@ from shared import load_average, write_report  # noqa: E402
 import detloop  # noqa: E402,F401  (offline environment)
 from detloop.core.config import compose  # noqa: E402
 from detloop.data.demo import CLASSES  # noqa: E402
-from detloop.production import (
-    monitor,
-    predlog,  # noqa: E402
-)
+from detloop.production import monitor, monitor_rules, predlog  # noqa: E402
 
 OUT = ROOT / "build" / "benchmarks" / "monitor_scale.json"
 UNTIL = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
@@ -50,9 +47,9 @@ def rows(n: int, seed: int = 0):
     """``n`` log rows as dicts, oldest first (deterministic)."""
     rng = random.Random(seed)
     rates = dict(zip(CLASSES, (0.99, 0.97, 0.95, 0.9, 0.88, 0.85), strict=True))
-    start = UNTIL - DAYS * monitor.DAY
+    start = UNTIL - DAYS * monitor_rules.DAY
     for i in range(n):
-        ts = start + i * DAYS * monitor.DAY / n
+        ts = start + i * DAYS * monitor_rules.DAY / n
         status = 400 if rng.random() < 0.01 else 200
         dets = []
         if status == 200:
@@ -71,7 +68,7 @@ def rows(n: int, seed: int = 0):
                             }
                         )
         latency = max(rng.gauss(25.0, 4.0), 1.0)
-        version = "1" if ts < start + 21 * monitor.DAY else "2"
+        version = "1" if ts < start + 21 * monitor_rules.DAY else "2"
         yield {
             "ts": ts,
             "request_id": f"{i:032x}",
@@ -147,7 +144,7 @@ def main() -> None:
             result["write_seconds"] = round(write_log(store, args.rows), 1)
         result["db_mb"] = round((work / "predlog.db").stat().st_size / 1e6, 1)
         for name, days in (("last_7_days", 7), ("all_28_days", DAYS)):
-            window = monitor.Window(UNTIL - days * monitor.DAY, UNTIL)
+            window = monitor_rules.Window(UNTIL - days * monitor_rules.DAY, UNTIL)
             found = timed(lambda w=window: monitor.run(cfg, w, log_store=store, to_mlflow=False))
             found["images"] = found["result"]["images"]
             found["alerts"] = [a["message"] for a in found.pop("result")["alerts"]]

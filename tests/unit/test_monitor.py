@@ -15,7 +15,7 @@ from detloop.cli.main import main
 from detloop.core.config import compose, resolve_path
 from detloop.core.errors import BadInput
 from detloop.data import pool
-from detloop.production import monitor, predlog
+from detloop.production import monitor, monitor_rules, predlog
 
 UNTIL = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 START = UNTIL - 28 * DAY
@@ -46,7 +46,7 @@ def seeded(overrides, last_week: dict | None = None, weekly_reports=(2, 2, 2, 2)
 
 
 def run(cfg, **kwargs) -> dict:
-    return monitor.run(cfg, monitor.Window(UNTIL - 7 * DAY, UNTIL), to_mlflow=False, **kwargs)
+    return monitor.run(cfg, monitor_rules.Window(UNTIL - 7 * DAY, UNTIL), to_mlflow=False, **kwargs)
 
 
 def kinds(result: dict) -> list[str]:
@@ -152,7 +152,7 @@ def test_raise_trigger_writes_the_flag_the_pool_policy_reads(overrides, tmp_path
 
 def test_a_run_is_logged_to_mlflow_with_its_window_and_alerts(overrides, tmp_path):
     cfg = seeded(overrides, {"confidence": 0.8})
-    result = monitor.run(cfg, monitor.Window(UNTIL - 7 * DAY, UNTIL))
+    result = monitor.run(cfg, monitor_rules.Window(UNTIL - 7 * DAY, UNTIL))
     run_ = mlflow.get_run(result["mlflow_run_id"])
     assert run_.data.tags["monitor.status"] == "alert" and "average confidence" in run_.data.tags["monitor.alerts"]
     assert run_.data.metrics["detection_rate/title"] == 1.0
@@ -180,8 +180,8 @@ def test_the_command_exits_1_on_an_alert_0_without_and_2_on_bad_input(overrides,
 
 def test_the_window_defaults_to_the_last_window_days():
     cfg = compose(["monitor.window_days=3"])
-    window = monitor.resolve_window(cfg, until="2026-01-01")
-    assert window == monitor.Window(UNTIL - 3 * DAY, UNTIL)
-    assert monitor.resolve_window(cfg, window_days=1, now=UNTIL) == monitor.Window(UNTIL - DAY, UNTIL)
+    window = monitor_rules.resolve_window(cfg, until="2026-01-01")
+    assert window == monitor_rules.Window(UNTIL - 3 * DAY, UNTIL)
+    assert monitor_rules.resolve_window(cfg, window_days=1, now=UNTIL) == monitor_rules.Window(UNTIL - DAY, UNTIL)
     with pytest.raises(BadInput, match="not both"):
-        monitor.resolve_window(cfg, since="2025-12-01", window_days=1)
+        monitor_rules.resolve_window(cfg, since="2025-12-01", window_days=1)

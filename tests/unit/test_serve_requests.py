@@ -16,17 +16,10 @@ from tests.conftest import register_version
 from tests.serving_helpers import page_bytes
 
 from detloop.core.errors import BadInput
-from detloop.production.serve import (
-    Batcher,
-    Limits,
-    ModelWatcher,
-    RequestRefused,
-    ServedModel,
-    _Job,
-    parse_report,
-    parse_request,
-    yolo_lines,
-)
+from detloop.production.batching import Batcher, _Job
+from detloop.production.reports import yolo_lines
+from detloop.production.request_checks import Limits, RequestRefused, parse_report, parse_request
+from detloop.production.swap import ModelWatcher, ServedModel
 from detloop.tracking import registry
 
 LIMITS = Limits(max_body_bytes=1 << 20, max_image_bytes=200_000, max_pixels=100_000, max_images=4, min_side=10)

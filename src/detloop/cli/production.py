@@ -15,13 +15,13 @@ ALERT_EXIT = 1
 
 
 def cmd_serve(args) -> int:
-    from detloop.production.serve import serve
+    from detloop.production.app import serve
 
     return serve(compose_args(args), host=args.host, port=args.port)
 
 
 def cmd_report(args) -> int:
-    from detloop.production.serve import report_image
+    from detloop.production.reports import report_image
 
     cfg = compose_args(args)
     result = report_image(cfg, Path(args.image), note=args.note)
@@ -36,17 +36,17 @@ def cmd_report(args) -> int:
 
 
 def cmd_monitor(args) -> int:
-    from detloop.production import monitor
+    from detloop.production import monitor, monitor_rules
 
     cfg = compose_args(args)
-    window = monitor.resolve_window(cfg, since=args.since, until=args.until, window_days=args.window_days)
+    window = monitor_rules.resolve_window(cfg, since=args.since, until=args.until, window_days=args.window_days)
     result = monitor.run(
         cfg, window, raise_flag=True if args.raise_trigger else None, to_mlflow=False if args.no_mlflow else None
     )
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     else:
-        print(monitor.format_result(result))
+        print(monitor_rules.format_result(result))
     return ALERT_EXIT if result["alerts"] else 0
 
 

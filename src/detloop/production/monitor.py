@@ -1,30 +1,5 @@
-"""``detloop monitor``: production metrics over a window of the prediction log (document section 7).
-
-Over the scored images (``endpoint=invocations``, ``status=200``) with ``since <= ts < until``:
-
-* **detection rate per class**: the share of images in which each expected class
-  (``monitor.expected_classes``; default every anchor class) was detected at least once. Alert when
-  one is below ``monitor.detection_rate.alert_below`` (90 %).
-* **average confidence** of every detection, compared with the baseline: alert on a drop of more
-  than ``monitor.confidence.max_drop`` (5 %) of the baseline value.
-* **failure reports per week**: reports in the inbox, pool and rejected manifests (one per id, by
-  ``reported_at``) in each of the ``rising_weeks + 1`` weeks ending at ``until``; alert when the
-  count rose ``monitor.reports.rising_weeks`` (3) weeks in a row.
-* **latency**: the per-image serving latency at ``monitor.latency.quantile`` (median), compared with
-  the baseline's: alert above ``monitor.latency.max_ratio`` (2x).
-
-The baseline compares like with like. Its version is ``monitor.baseline.version``, by default the
-version that answered last in the window; its period is the first ``monitor.baseline.days`` (7) days
-that version served (from its first row in the log), so every promotion starts a new baseline. The
-window's confidence and latency are taken over that version's rows only. A baseline period with fewer
-than ``baseline.min_images`` images is not compared against (the check is listed as skipped), and
-``baseline.confidence`` / ``baseline.latency_ms`` replace the log's values with fixed ones.
-
-A run logs its metrics, alerts and ``monitor.json`` to the MLflow experiment ``monitor.mlflow.experiment``
-(timestamped at the window's end, so the UI's charts show the trend), and, with ``--raise-trigger`` or
-``monitor.trigger.raise``, an alert of a kind in ``monitor.trigger.alerts`` writes the performance
-trigger flag ``trigger.performance_flag`` (JSON with a ``reason``, as :mod:`detloop.data.pool` reads it).
-"""
+"""``detloop monitor``: the figures measured from the prediction log and the failure-report manifests,
+logged to MLflow, and the performance trigger flag; the alert rules are in :mod:`detloop.production.monitor_rules`."""
 
 from __future__ import annotations
 
@@ -33,8 +8,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import asdict
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -44,76 +18,19 @@ from detloop.core.config import resolve_path
 from detloop.core.errors import BadInput
 from detloop.data.manifest import MANIFEST, read_manifest
 from detloop.production import predlog
+from detloop.production.monitor_rules import (
+    DAY,
+    WEEK,
+    Alert,
+    Window,
+    check,
+    check_config,
+    iso,
+    parse_time,
+    reports_per_week,
+)
 
 log = logging.getLogger(__name__)
-
-DAY = 86400.0
-WEEK = 7 * DAY
-ALERT_KINDS = ("detection_rate", "confidence", "reports", "latency")
-
-
-@dataclass(frozen=True)
-class Window:
-    """The monitored period ``[since, until)`` as UTC epoch seconds."""
-
-    since: float
-    until: float
-
-    def text(self) -> str:
-        return f"{iso(self.since)} .. {iso(self.until)}"
-
-
-@dataclass(frozen=True)
-class Alert:
-    """One threshold crossed: its kind, the metric, its value, the threshold and a sentence for people."""
-
-    kind: str
-    metric: str
-    value: float
-    threshold: float
-    message: str
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str, option: str) -> float:
-    """An ISO date or date-time (naive = UTC) as epoch seconds; BadInput names the option."""
-    try:
-        moment = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
-    except ValueError as err:
-        raise BadInput(
-            f"{option} {text!r}: not an ISO date or date-time",
-            ["e.g. 2025-01-06 or 2025-01-06T13:00:00Z (UTC when no zone is given)"],
-        ) from err
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-def resolve_window(
-    cfg: DictConfig,
-    since: str | None = None,
-    until: str | None = None,
-    window_days: float | None = None,
-    now: float | None = None,
-) -> Window:
-    """The window from ``--since``/``--until``/``--window-days`` (default: the last ``monitor.window_days``)."""
-    if since is not None and window_days is not None:
-        raise BadInput("give --since or --window-days, not both")
-    end = parse_time(until, "--until") if until is not None else (time.time() if now is None else now)
-    if since is not None:
-        start = parse_time(since, "--since")
-    else:
-        days = float(window_days if window_days is not None else cfg.monitor.window_days)
-        if days <= 0:
-            raise BadInput(f"window of {days} days: it must be positive (--window-days or monitor.window_days)")
-        start = end - days * DAY
-    if start >= end:
-        raise BadInput(f"empty window: --since {iso(start)} is not before --until {iso(end)}")
-    return Window(start, end)
-
-
-# --------------------------------------------------------------------------- reading the log
 
 
 def scored(window: Window | None = None, version: str | None = None) -> sa.ColumnElement[bool]:
@@ -179,9 +96,6 @@ def request_counts(conn, window: Window) -> dict[str, int]:
     return {"refused_requests": int(row[0]), "reports_received": int(row[1])}
 
 
-# --------------------------------------------------------------------------- failure reports
-
-
 def report_times(cfg: DictConfig) -> list[float]:
     """``reported_at`` of every failure report (inbox, pool, rejected; one per id), as epoch seconds."""
     inbox, pool = resolve_path(cfg, "inbox"), resolve_path(cfg, "pool")
@@ -198,24 +112,6 @@ def report_times(cfg: DictConfig) -> list[float]:
                 continue
             seen[row["id"]] = parse_time(when, f"{path}: reported_at of {row['id']}")
     return sorted(seen.values())
-
-
-def reports_per_week(times: list[float], until: float, weeks: int) -> list[int]:
-    """Reports in each of the ``weeks`` weeks ending at ``until``, oldest first."""
-    counts = [0] * weeks
-    for ts in times:
-        back = int((until - ts) // WEEK)  # 0 = the last week
-        if ts < until and back < weeks:
-            counts[weeks - 1 - back] += 1
-    return counts
-
-
-def rising(counts: list[int]) -> bool:
-    """True when every week has more reports than the week before."""
-    return len(counts) > 1 and all(a < b for a, b in zip(counts, counts[1:], strict=False))
-
-
-# --------------------------------------------------------------------------- the checks
 
 
 def expected_classes(cfg: DictConfig) -> list[str]:
@@ -291,102 +187,6 @@ def measure(cfg: DictConfig, log_store: predlog.PredictionLog, window: Window) -
         "reports_per_week": reports_per_week(report_times(cfg), window.until, weeks),
         **counts,
     }
-
-
-def check(cfg: DictConfig, found: dict) -> tuple[list[Alert], list[str]]:
-    """The alerts of ``found`` (from :func:`measure`) and the checks skipped for lack of data."""
-    m = cfg.monitor
-    alerts: list[Alert] = []
-    skipped: list[str] = []
-    if found["images"] < int(m.min_images):
-        skipped.append(f"detection rate: {found['images']} scored images < monitor.min_images={m.min_images}")
-    else:
-        floor = float(m.detection_rate.alert_below)
-        for name, rate in found["detection_rate"].items():
-            if rate < floor:
-                alerts.append(
-                    Alert(
-                        "detection_rate",
-                        f"detection_rate/{name}",
-                        rate,
-                        floor,
-                        f"{name} detected in {rate:.2%} of {found['images']} images (< {floor:.0%})",
-                    )
-                )
-    alerts += _baseline_checks(cfg, found, skipped)
-    weekly = found["reports_per_week"]
-    if rising(weekly):
-        weeks = int(m.reports.rising_weeks)
-        alerts.append(
-            Alert(
-                "reports",
-                "reports/last_week",
-                float(weekly[-1]),
-                float(weekly[-2]),
-                f"failure reports per week rose {weeks} weeks in a row: {' -> '.join(map(str, weekly))}",
-            )
-        )
-    return alerts, skipped
-
-
-def _baseline_checks(cfg: DictConfig, found: dict, skipped: list[str]) -> list[Alert]:
-    """Confidence and latency against the baseline (skipped without enough data on either side)."""
-    m, base = cfg.monitor, found["baseline"]
-    version = found["version"]
-    if version is None:
-        skipped.append("confidence, latency: no scored images in the window")
-        return []
-    if found["version_images"] < int(m.min_images):
-        skipped.append(
-            f"confidence, latency: {found['version_images']} images of v{version} in the window "
-            f"< monitor.min_images={m.min_images}"
-        )
-        return []
-    alerts = []
-    enough = base["images"] >= int(m.baseline.min_images)
-    for key in ("confidence", "latency_ms"):
-        reference, value = base[key], found["version_confidence" if key == "confidence" else "latency_ms"]
-        fixed = f"{key}_source" in base
-        if reference is None or value is None or not (enough or fixed):
-            skipped.append(
-                f"{key}: baseline of v{version} has {base['images']} images < "
-                f"monitor.baseline.min_images={m.baseline.min_images}"
-                if not (enough or fixed)
-                else f"{key}: no value in the window or the baseline"
-            )
-            continue
-        if key == "confidence":
-            limit = float(m.confidence.max_drop)
-            drop = (reference - value) / reference if reference > 0 else 0.0
-            if drop > limit:
-                alerts.append(
-                    Alert(
-                        "confidence",
-                        "confidence/drop",
-                        drop,
-                        limit,
-                        f"average confidence {value:.3f} is {drop:.1%} below the baseline {reference:.3f} "
-                        f"of v{version} (alert above {limit:.0%})",
-                    )
-                )
-        else:
-            limit = float(m.latency.max_ratio)
-            ratio = value / reference if reference > 0 else float("inf")
-            if ratio > limit:
-                alerts.append(
-                    Alert(
-                        "latency",
-                        "latency/ratio",
-                        ratio,
-                        limit,
-                        f"latency {value:.1f} ms per image is {ratio:.1f}x the baseline {reference:.1f} ms "
-                        f"of v{version} (alert above {limit:g}x)",
-                    )
-                )
-    return alerts
-
-
-# --------------------------------------------------------------------------- side effects
 
 
 def metrics_of(found: dict) -> dict[str, float]:
@@ -485,9 +285,6 @@ def raise_trigger(cfg: DictConfig, alerts: list[Alert], window: Window) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- the command
-
-
 def run(
     cfg: DictConfig,
     window: Window,
@@ -499,7 +296,7 @@ def run(
 
     Returns ``{window, metrics, alerts, skipped, trigger, mlflow_run_id, ...}`` (JSON-ready).
     """
-    _check_config(cfg)
+    check_config(cfg)
     owned = log_store is None
     store = predlog.open_log(cfg) if owned else log_store
     started = time.perf_counter()
@@ -526,47 +323,3 @@ def run(
     if cfg.monitor.mlflow.log if to_mlflow is None else to_mlflow:
         result["mlflow_run_id"] = log_to_mlflow(cfg, result, window)
     return result
-
-
-def _check_config(cfg: DictConfig) -> None:
-    m = cfg.monitor
-    problems = [
-        f"monitor.trigger.alerts: unknown kind {k!r} (one of {', '.join(ALERT_KINDS)})"
-        for k in m.trigger.alerts
-        if k not in ALERT_KINDS
-    ]
-    if not 0.0 <= float(m.latency.quantile) <= 1.0:
-        problems.append(f"monitor.latency.quantile={m.latency.quantile}: must be in [0, 1]")
-    if int(m.reports.rising_weeks) < 1:
-        problems.append(f"monitor.reports.rising_weeks={m.reports.rising_weeks}: must be >= 1")
-    if problems:
-        raise BadInput("bad monitor configuration (conf/monitor/default.yaml)", problems)
-
-
-def format_result(result: dict) -> str:
-    """The terminal report: window, figures, baseline, alerts."""
-    base = result["baseline"]
-    lines = [
-        f"window {result['window']['since']} .. {result['window']['until']}: {result['images']} scored images, "
-        f"{result['refused_requests']} refused requests, {result['reports_received']} reports received"
-    ]
-    rates = ", ".join(f"{k} {v:.1%}" if v is not None else f"{k} -" for k, v in result["detection_rate"].items())
-    lines.append(f"detection rate per class: {rates}")
-    lines.append(
-        f"average confidence: {_num(result['version_confidence'])} (v{result['version']}) vs baseline "
-        f"{_num(base['confidence'])}; latency q{result['latency_quantile']:g}: "
-        f"{_num(result['latency_ms'], 1)} ms vs baseline {_num(base['latency_ms'], 1)} ms"
-    )
-    lines.append(f"baseline: v{base['version']} {base['since']} .. {base['until']} ({base['images']} images)")
-    lines.append(f"failure reports per week (oldest first): {' '.join(map(str, result['reports_per_week']))}")
-    lines += [f"skipped: {s}" for s in result["skipped"]]
-    lines += [f"ALERT [{a['kind']}] {a['message']}" for a in result["alerts"]] or ["no alerts"]
-    if result["trigger"]:
-        lines.append(f"performance trigger raised: {result['trigger']}")
-    if result["mlflow_run_id"]:
-        lines.append(f"MLflow run {result['mlflow_run_id']}")
-    return "\n".join(lines)
-
-
-def _num(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"

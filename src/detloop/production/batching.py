@@ -1,0 +1,123 @@
+"""The request batcher: one model call at a time, queued requests of one version and image size merged
+into one call, and the model's output split back per input row."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from detloop.core.errors import BadInput
+from detloop.production.request_checks import CheckedImage
+from detloop.production.swap import ServedModel
+
+
+@dataclass
+class _Job:
+    served: ServedModel
+    images: list[CheckedImage]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[list[dict]] | None = None
+    error: BaseException | None = None
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """The images' common size, or None when they differ (such a job is never merged with others)."""
+        sizes = {(im.width, im.height) for im in self.images}
+        return sizes.pop() if len(sizes) == 1 else None
+
+
+class Batcher:
+    """One model call at a time (the model is not thread-safe), with opportunistic batching.
+
+    Requests that arrive while the model is busy queue up; the next call takes the queued jobs of the
+    same model version and the same image size together, up to ``max_images`` images (one pyfunc
+    ``predict`` on the combined table). Nothing waits for a batch to fill, so a lone request is never
+    delayed. Equal sizes keep each image's preprocessing (Ultralytics' letterbox) exactly as in a
+    single call. A failing batch is retried job by job, so one request's failure stays its own.
+    """
+
+    def __init__(self, max_images: int):
+        if max_images < 1:
+            raise BadInput(f"serve.batch_images={max_images}: must be >= 1 (1 = no batching)")
+        self.max_images = max_images
+        self._queue: list[_Job] = []
+        self._cond = threading.Condition()
+        self._busy = False
+        self.calls = 0  # model calls so far (batching shows as calls < requests)
+
+    def predict(self, served: ServedModel, images: list[CheckedImage]) -> list[list[dict]]:
+        job = _Job(served, images)
+        with self._cond:
+            self._queue.append(job)
+        while not job.done.is_set():
+            batch = self._take()
+            if batch is None:  # another thread is running the model: wait for it, then look again
+                with self._cond:
+                    self._cond.wait_for(lambda: job.done.is_set() or not self._busy, timeout=1.0)
+                continue
+            try:
+                self._run(batch)
+            finally:
+                for other in batch:  # never leave a request waiting for a call that did not finish
+                    if not other.done.is_set():
+                        other.error = other.error or RuntimeError("the prediction was interrupted")
+                        other.done.set()
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _take(self) -> list[_Job] | None:
+        """The next batch (marking the model busy), or None while the model is busy."""
+        with self._cond:
+            if self._busy or not self._queue:
+                return None
+            first = self._queue.pop(0)
+            batch, count = [first], len(first.images)
+            for job in list(self._queue):
+                fits = count + len(job.images) <= self.max_images
+                if fits and job.served is first.served and first.shape is not None and job.shape == first.shape:
+                    self._queue.remove(job)
+                    batch.append(job)
+                    count += len(job.images)
+            self._busy = True
+            return batch
+
+    def _run(self, batch: list[_Job]) -> None:
+        try:
+            results = self._call(batch[0].served, [im for job in batch for im in job.images])
+        except Exception as err:
+            if len(batch) == 1:
+                batch[0].error = err
+                batch[0].done.set()
+                return
+            for job in batch:  # isolate the failing request
+                self._run([job])
+            return
+        offset = 0
+        for job in batch:
+            job.result = results[offset : offset + len(job.images)]
+            for row, detections in enumerate(job.result):  # rows count within each request again
+                for detection in detections:
+                    detection["row"] = row
+            offset += len(job.images)
+            job.done.set()
+
+    def _call(self, served: ServedModel, images: list[CheckedImage]) -> list[list[dict]]:
+        import pandas as pd
+
+        self.calls += 1
+        table = served.model.predict(pd.DataFrame({"image": [im.base64() for im in images]}))
+        return predictions_by_row(table, len(images))
+
+
+def predictions_by_row(table, count: int) -> list[list[dict]]:
+    """The pyfunc output table split per input row (records, as the scoring protocol returns them)."""
+    records = table.to_dict(orient="records") if len(table) else []
+    out: list[list[dict]] = [[] for _ in range(count)]
+    for record in records:
+        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
+        out[int(record["row"])].append(record)
+    return out
