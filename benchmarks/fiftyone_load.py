@@ -25,17 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import fiftyone as fo
 import numpy as np
 
-from detloop.fiftyone.db import import_fiftyone, start_mongod, stop_mongod
-
-fo = import_fiftyone()  # before anything could import MLflow
-
-from detloop.core.config import compose  # noqa: E402
-from detloop.core.env import project_root  # noqa: E402
+from detloop.core.config import compose
+from detloop.core.env import project_root
 from detloop.evaluation import evaluator
 from detloop.fiftyone import eval as fo_eval
-from detloop.fiftyone import load as fo_load  # noqa: E402
+from detloop.fiftyone import load as fo_load
+from detloop.fiftyone.db import connect, start_mongod, stop_mongod
 
 NAMES = {0: "title", 1: "date", 2: "amount", 3: "table", 4: "signature", 5: "stamp"}
 WIDTH, HEIGHT = 128, 160
@@ -131,8 +129,6 @@ def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generat
             "fiftyone.dataset_prefix=bench",
         ]
     )
-    from detloop.fiftyone.db import connect
-
     connect(cfg)
     started = time.perf_counter()
     dataset = fo_load.load_set(cfg, "anchor-test", NAMES)

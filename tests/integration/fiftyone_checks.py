@@ -1,15 +1,10 @@
-"""FiftyOne-side steps of the FiftyOne tests, run in a child process that never imports MLflow.
-
-``python -m tests.integration.fiftyone_checks STEPS.json`` runs steps (a list of ``[name, args]``)
-one after the other in one process and prints the list of their facts as JSON on the last line.
-The test process cannot import FiftyOne (it imports MLflow), exactly like
-the ``detloop`` command; :func:`synthetic_predictions` is pure and used on both sides.
+"""FiftyOne-side steps of the FiftyOne tests: each takes its arguments as a dict (``overrides`` and
+the step's own) and returns the facts the test checks. ``STEPS`` names them; call
+:func:`detloop.fiftyone.db.connect` first. :func:`synthetic_predictions` needs no FiftyOne.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,18 +229,3 @@ def curate_flow(args: dict) -> dict:
 STEPS = {
     f.__name__: f for f in (store_synthetic, compare_fields, dataset_facts, tag_for_review, write_zoo_info, curate_flow)
 }
-
-if __name__ == "__main__":
-    from detloop.fiftyone.db import connect, import_fiftyone
-
-    import_fiftyone()
-    steps = json.loads(Path(sys.argv[1]).read_text())
-    from detloop.core.config import compose
-
-    connect(compose(steps[0][1]["overrides"]))
-    found = []
-    for name, step_args in steps:
-        facts = STEPS[name](step_args)
-        facts["mlflow_imported"] = "mlflow" in sys.modules
-        found.append(facts)
-    print(json.dumps(found, default=str))

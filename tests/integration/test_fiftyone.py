@@ -2,8 +2,9 @@
 
 Each module run starts its own mongod (FiftyOne's binary) on a free port with a private dbpath and
 stops it afterwards: a FiftyOne process would otherwise join any FiftyOne database already running
-on the machine. This process imports MLflow, so FiftyOne itself runs in child processes: the
-``detloop`` commands' own (:mod:`detloop.fiftyone.job`) and the test steps in ``fiftyone_checks``.
+on the machine. FiftyOne runs in this process beside MLflow (the ``detloop`` commands and the steps
+in ``fiftyone_checks``), except where a separate process is the point: ``detloop inspect --json``'s
+stdout, the App server of ``detloop review open --app`` and a commit killed midway.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 import requests
 from PIL import Image
 from tests.conftest import ROOT, tiny_overrides
-from tests.integration.fiftyone_checks import synthetic_predictions
+from tests.integration.fiftyone_checks import STEPS, synthetic_predictions
 
 from detloop.base import run as run_base
 from detloop.cli.main import main as cli
@@ -36,8 +37,8 @@ from detloop.data.inbox import add_to_inbox
 from detloop.data.manifest import read_manifest, sha256_file
 from detloop.data.yolo_format import label_path_for
 from detloop.evaluation import evaluator, gating
-from detloop.fiftyone.db import Mongod, start_mongod, stop_mongod
-from detloop.fiftyone.job import resolve_models, run_job
+from detloop.fiftyone.db import Mongod, connect, start_mongod, stop_mongod
+from detloop.fiftyone.inspection import inspect_sets
 from detloop.model.pyfunc import model_weights
 
 pytestmark = pytest.mark.integration
@@ -62,9 +63,14 @@ class Database:
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory):
+    before = os.environ.get("FIFTYONE_DATABASE_URI")  # connect() exports the URI for the App server
     db = Database(tmp_path_factory.mktemp("fiftyone-db"))
     yield db
     stop_mongod(db.server)
+    if before is None:
+        os.environ.pop("FIFTYONE_DATABASE_URI", None)
+    else:
+        os.environ["FIFTYONE_DATABASE_URI"] = before
 
 
 @pytest.fixture(scope="module")
@@ -97,27 +103,20 @@ def copy_project(project, database, tmp_path: Path) -> list[str]:
 
 
 def checks(*steps: tuple[str, dict]) -> list[dict]:
-    """Run FiftyOne steps of ``fiftyone_checks`` one after the other in one child process; their JSON facts."""
-    arg_file = Path(steps[0][1]["overrides"][1].split("=", 1)[1]).parent / f"check-{uuid.uuid4().hex[:6]}.json"
-    arg_file.write_text(json.dumps([list(step) for step in steps]))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.integration.fiftyone_checks", str(arg_file)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(found) == len(steps) and all(facts.pop("mlflow_imported") is False for facts in found)
-    return found
+    """Run FiftyOne steps of ``fiftyone_checks`` one after the other on the test's database; their facts."""
+    connect(compose(steps[0][1]["overrides"]))
+    return [STEPS[name](args) for name, args in steps]
 
 
 def check(step: str, **args) -> dict:
-    """Run one FiftyOne step of ``fiftyone_checks`` in a child process; return its JSON facts."""
+    """Run one FiftyOne step of ``fiftyone_checks``; return its facts."""
     return checks((step, args))[0]
+
+
+def run_detloop(*args: str) -> subprocess.CompletedProcess:
+    """The ``detloop`` command in a process of its own (its stdout and stderr apart)."""
+    command = [sys.executable, "-m", "detloop.cli.main", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_inspect_loads_sets_and_its_map_is_the_gates(project, database, tmp_path, capsys):
@@ -126,8 +125,12 @@ def test_inspect_loads_sets_and_its_map_is_the_gates(project, database, tmp_path
     prefix = cfg.fiftyone.dataset_prefix
     # when detloop inspect loads anchor test, pool and inbox with the production model's predictions
     args = ["inspect", "--set", "anchor-test", "--set", "pool", "--set", "inbox", "--json"]
-    assert cli([*args, "--model", "1", *overrides]) == 0
-    first = json.loads(capsys.readouterr().out)
+    done = run_detloop(*args, "--model", "1", *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # then stdout is the JSON alone; the figures and the classification report went to stderr
+    first = json.loads(done.stdout)
+    assert f"{prefix}-anchor-test predictions_v1 (v1): mAP50 " in done.stderr
+    assert "classification report at confidence >= " in done.stderr and "f1-score" in done.stderr
     # again, by alias: the same field, brought up to date, nothing duplicated
     assert cli([*args, "--model", "production", "--no-evaluate", *overrides]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -135,7 +138,7 @@ def test_inspect_loads_sets_and_its_map_is_the_gates(project, database, tmp_path
     assert {k: v["samples"] for k, v in first["datasets"].items()} == {
         k: v["samples"] for k, v in result["datasets"].items()
     }
-    assert result["mlflow_imported"] is False and result["database_uri"] == database.uri
+    assert first["database_uri"] == result["database_uri"] == database.uri
     datasets = result["datasets"]
     assert datasets[f"{prefix}-anchor-test"]["samples"] == 8
     assert datasets[f"{prefix}-pool"]["samples"] == len(read_manifest(tmp_path / "data/pool/manifest.jsonl")) == 12
@@ -170,20 +173,14 @@ def test_masks_map_equality_views_and_version_compare(project, database, tmp_pat
     for branch in model.model.model[-1].cv3:  # class scores 0.5 instead of ~1e-5: detections and masks to convert
         branch[-1].bias.data.fill_(0.0)
     model.save(str(seg))
-    ours = [*overrides, "gate.eval.max_det=5"]
-    run_job(
-        {
-            "action": "inspect",
-            "overrides": ours,
-            "sets": ["anchor-test"],
-            "evaluate": False,
-            "models": [{"weights": str(seg), "imgsz": 64, "label": "seg"}],
-        }
-    )
-    prefix = compose(ours).fiftyone.dataset_prefix
+    ours = [*overrides, "evaluate.max_det=5"]
+    cfg = compose(ours)
+    connect(cfg)
+    inspect_sets(cfg, ["anchor-test"], [{"weights": str(seg), "imgsz": 64, "label": "seg"}], evaluate=False)
+    prefix = cfg.fiftyone.dataset_prefix
     zoo_dir, coco_dir = write_coco(tmp_path / "zoo" / "coco-2017" / "validation", 3), write_coco(tmp_path / "coco", 2)
-    # the FiftyOne steps in one child process: the stored masks; synthetic predictions stored and
-    # evaluated; base vs candidate; curation (class test set, zoo + COCO merged, split, export)
+    # the FiftyOne steps: the stored masks; synthetic predictions stored and evaluated; base vs
+    # candidate; curation (class test set, zoo + COCO merged, split, export)
     stored, facts, found, _, cur = checks(
         ("dataset_facts", {"overrides": ours, "dataset": f"{prefix}-anchor-test"}),
         ("store_synthetic", {"overrides": overrides, "seed": 3}),
@@ -286,13 +283,10 @@ def review(project, database, tmp_path_factory):
     port = free_port()
     ours = [*copy_project(project, database, tmp_path), f"fiftyone.app.port={port}"]
     cfg = compose(ours)
-    job = {
-        "action": "review-open",
-        "overrides": ours,
-        "app": True,
-        "models": resolve_models(cfg, [str(cfg.fiftyone.review.model)]),
-    }
-    app = run_job(job, wait=False)
+    # a session of its own: stopping its group also stops the App server it starts
+    app = subprocess.Popen(
+        [sys.executable, "-m", "detloop.cli.main", "review", "open", "--app", *ours], cwd=ROOT, start_new_session=True
+    )
     dataset = f"{cfg.fiftyone.dataset_prefix}-inbox"
     url = f"http://127.0.0.1:{port}/datasets/{dataset}"
     try:
@@ -410,7 +404,9 @@ def test_a_killed_review_leaves_inbox_and_pool_consistent(project, database, tmp
     ids = _inbox_ids(data)
     a, b, c = ids[:3]
     check("tag_for_review", overrides=overrides, dataset=dataset, verify=[a, b], reject=[c])
-    # when the database process is killed mid-review, the tags made in the App survive
+    # when the database process is killed mid-review, the tags made in the App survive (mongod commits
+    # its journal every 100 ms: a write acknowledged within the last 100 ms may be lost to SIGKILL)
+    time.sleep(1.0)
     database.kill_and_restart()
     assert check("dataset_facts", overrides=overrides, dataset=dataset)["tags"] == {
         "inbox": 5,
@@ -418,23 +414,13 @@ def test_a_killed_review_leaves_inbox_and_pool_consistent(project, database, tmp
         "rejected": 1,
     }
     # when the commit is killed (SIGKILL) right after the pool records, before the inbox is cleaned
-    job = tmp_path / "commit.json"
-    job.write_text(
-        json.dumps(
-            {
-                "action": "review-commit",
-                "overrides": overrides,
-                "reviewer": "bob",
-                "result": str(tmp_path / "commit-result.json"),
-            }
-        )
-    )
     killer = (
         "import os, signal, sys; import detloop.data.review as r; "
         "r.remove_from_inbox = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
-        "from detloop.fiftyone.job import main; sys.exit(main([sys.argv[1]]))"
+        "from detloop.cli.main import main; sys.exit(main(sys.argv[1:]))"
     )
-    done = subprocess.run([sys.executable, "-c", killer, str(job)], cwd=ROOT, capture_output=True, timeout=300)
+    command = [sys.executable, "-c", killer, "review", "commit", "--reviewer", "bob", *overrides]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL
     # then nothing is lost: a and b are in the pool with their files, and still listed in the inbox
     pool = {row["id"]: row for row in read_manifest(data / "pool/manifest.jsonl")}

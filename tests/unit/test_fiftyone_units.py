@@ -1,9 +1,12 @@
-"""FiftyOne helpers that need no database: converters, label text, the import-order guard, CLI refusals."""
+"""FiftyOne helpers that need no database: converters, label text, CLI refusals and output; MLflow beside FiftyOne."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from importlib.metadata import version
 from types import SimpleNamespace
 
 import numpy as np
@@ -68,7 +71,7 @@ def test_unknown_sets_are_refused_by_name():
 
 def test_the_fiftyone_group_predicts_like_the_gate():
     cfg = compose([])
-    assert dict(cfg.fiftyone.predict) == dict(cfg.gate.eval)
+    assert dict(cfg.fiftyone.predict) == dict(cfg.evaluate)
     assert cfg.fiftyone.evaluate.max_preds == 100 and cfg.fiftyone.app.address == "127.0.0.1"
 
 
@@ -79,13 +82,52 @@ def test_app_review_commands_refuse_bad_input_before_any_work(overrides, capsys)
     assert "takes no sample ids" in capsys.readouterr().err
 
 
+def _fake_inspect(monkeypatch):
+    """``detloop inspect`` with the work replaced: it prints a report and writes to descriptor 1 (as
+    FiftyOne's log handler and the App server do) instead of loading anything."""
+    from detloop.fiftyone import db, inspection
+
+    def inspect_sets(cfg, sets, models, *, evaluate=True):
+        print("classification report at confidence >= 0.25:")
+        os.write(1, b"a FiftyOne log line on descriptor 1\n")
+        return {"datasets": {"x-anchor-test": {"samples": 1, "fields": [], "figures": {}}}}, {}
+
+    monkeypatch.setattr(inspection, "resolve_models", lambda cfg, specs: [])
+    monkeypatch.setattr(inspection, "inspect_sets", inspect_sets)
+    uri = "mongodb://127.0.0.1:1"
+    monkeypatch.setattr(db, "connect", lambda cfg: SimpleNamespace(config=SimpleNamespace(database_uri=uri)))
+
+
+def test_inspect_json_prints_the_json_alone_and_the_report_on_stderr(overrides, monkeypatch, capfd):
+    _fake_inspect(monkeypatch)
+    assert cli(["inspect", "--json", *overrides]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {
+        "database_uri": "mongodb://127.0.0.1:1",
+        "datasets": {"x-anchor-test": {"samples": 1, "fields": [], "figures": {}}},
+    }
+    assert "classification report" in err and "log line on descriptor 1" in err
+    # without --json the report is the output
+    assert cli(["inspect", *overrides]) == 0
+    out, _ = capfd.readouterr()
+    assert "classification report" in out and "log line on descriptor 1" in out
+
+
 @pytest.mark.integration
-def test_fiftyone_refuses_to_load_after_mlflow_and_loads_before_it():
-    after = "import mlflow\nfrom detloop.fiftyone.db import import_fiftyone\nimport_fiftyone()"
-    done = subprocess.run([sys.executable, "-c", after], capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "FiftyOneImportOrder" in done.stderr and "Import FiftyOne first" in done.stderr
-    before = (
-        "from detloop.fiftyone.db import import_fiftyone\nfo = import_fiftyone()\nimport mlflow\nprint(fo.__version__)"
+def test_fiftyone_imports_after_mlflow_in_one_process():
+    """importlib_metadata is pinned below 8: MLflow loads it, and from 8 ``import fiftyone`` then fails
+    (KeyError 'author' reading voxel51-eta's metadata)."""
+    code = (
+        "import sys\n"
+        "import mlflow\n"
+        "assert 'importlib_metadata' in sys.modules  # the backport that broke FiftyOne's import from 8.0\n"
+        "import fiftyone\n"
+        "import importlib_metadata\n"
+        "from detloop.fiftyone import db, eval, inspection, load, review\n"
+        "from detloop.cli.fiftyone_app import cmd_inspect\n"
+        "print(mlflow.__version__, fiftyone.__version__, importlib_metadata.version('voxel51-eta'))"
     )
-    done = subprocess.run([sys.executable, "-c", before], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "1.22.0", done.stderr[-2000:]
+    env = {**os.environ, "FIFTYONE_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [version("mlflow"), version("fiftyone"), version("voxel51-eta")]

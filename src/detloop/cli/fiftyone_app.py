@@ -1,12 +1,14 @@
 """``detloop inspect`` and ``detloop review open|commit|annotate``: the FiftyOne commands.
 
-These run in the ``detloop`` process only what needs MLflow (turning versions and aliases into
-weights); the FiftyOne work runs in a child process (:mod:`detloop.fiftyone.job`).
+Each resolves registry versions / aliases into weights (MLflow), connects FiftyOne to the project's
+database and calls the FiftyOne functions of :mod:`detloop.fiftyone`, all in this process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 
 from detloop.core.errors import BadInput
@@ -40,40 +42,68 @@ def add_inspect_parser(sub, overrides_help: str) -> None:
     p.add_argument("--no-evaluate", action="store_true", help="skip evaluate_detections")
     p.add_argument("--app", action="store_true", help="serve the App on fiftyone.app.address:port and print the URL")
     p.add_argument("--stop-db", action="store_true", help="stop the project's mongod and exit")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the result as JSON (alone on stdout; the report on stderr)"
+    )
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_inspect)
 
 
 def cmd_inspect(args) -> int:
     from detloop.core.config import compose
-    from detloop.fiftyone.job import resolve_models, run_job
+    from detloop.fiftyone.db import connect, stop_project_mongod
+    from detloop.fiftyone.inspection import inspect_sets, launch_app, resolve_models
+    from detloop.fiftyone.load import check_sets
 
     cfg = compose(args.overrides)
     if args.stop_db:
-        from detloop.fiftyone.db import stop_project_mongod
-
         print("stopped the project's mongod" if stop_project_mongod(cfg) else "the project's mongod is not running")
         return 0
+    sets = check_sets(args.sets or list(cfg.fiftyone.sets))
     specs = [] if args.no_predictions else (args.models or list(cfg.fiftyone.models))
-    job = {
-        "action": "inspect",
-        "overrides": list(args.overrides),
-        "sets": args.sets or list(cfg.fiftyone.sets),
-        "models": resolve_models(cfg, specs),
-        "evaluate": not args.no_evaluate,
-        "app": args.app,
-    }
-    result = run_job(job)
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():
+        models = resolve_models(cfg, specs)
+        fo = connect(cfg)
+        result, datasets = inspect_sets(cfg, sets, models, evaluate=not args.no_evaluate)
+        result["database_uri"] = fo.config.database_uri
+        if args.app:
+            launch_app(cfg, datasets[sets[0]] if sets else None)
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """What would go to stdout while the block runs goes to stderr (``--json``: stdout is the JSON alone).
+
+    Both ``sys.stdout`` (``print``) and file descriptor 1: FiftyOne's log handler keeps the stdout it
+    found when it was imported, and processes started meanwhile (the App server) inherit the descriptor.
+    """
+    for stream in (sys.stdout, sys.__stdout__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (embedded): sys.stdout alone
+        saved = None
+    else:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for stream in (sys.stdout, sys.__stdout__):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def cmd_review_app(args, ids: list[str]) -> int:
     """``detloop review open|commit|annotate`` (the FiftyOne App review)."""
     from detloop.core.config import compose
-    from detloop.fiftyone.job import resolve_models, run_job
 
     if ids:
         raise BadInput(
@@ -81,18 +111,21 @@ def cmd_review_app(args, ids: list[str]) -> int:
             ["tag samples in the App; `detloop review accept ID...` is the file-based review"],
         )
     cfg = compose(args.overrides)
-    job = {
-        "action": f"review-{args.decision}" if args.decision != "annotate" else "annotate",
-        "overrides": list(args.overrides),
-        "reviewer": args.reviewer,
-        "app": bool(getattr(args, "app", False)),
-    }
     if args.decision == "commit" and not (args.reviewer or "").strip():
         raise BadInput("--reviewer: required (who verified these samples); reviews are recorded by name")
+    from detloop.fiftyone import review
+    from detloop.fiftyone.db import connect
+    from detloop.fiftyone.inspection import launch_app, resolve_models
+
     if args.decision == "open":
-        job["models"] = resolve_models(cfg, [getattr(args, "model", None) or str(cfg.fiftyone.review.model)])
-    result = run_job(job)
-    if args.decision == "commit":
+        models = resolve_models(cfg, [getattr(args, "model", None) or str(cfg.fiftyone.review.model)])
+        connect(cfg)
+        _, dataset = review.open_review(cfg, models)
+        if getattr(args, "app", False):
+            launch_app(cfg, dataset)
+    elif args.decision == "commit":
+        connect(cfg)
+        result = review.commit(cfg, args.reviewer)
         print(
             f"{len(result['accepted'])} sample(s) accepted into the pool and {len(result['rejected'])} rejected "
             f"by {result['reviewer']}; {result['waiting_in_app']} untagged sample(s) wait in the inbox"
@@ -100,6 +133,8 @@ def cmd_review_app(args, ids: list[str]) -> int:
         for kind, found in result["finished_interrupted"].items():
             if found:
                 print(f"finished an interrupted review ({kind}): {' '.join(found)}", file=sys.stderr)
-    elif args.decision == "annotate":
-        print(f"annotation run {result['anno_key']} sent to {cfg.fiftyone.review.annotation.backend}")
+    else:
+        connect(cfg)
+        key = review.request_annotation(cfg, review.review_dataset(cfg))
+        print(f"annotation run {key} sent to {cfg.fiftyone.review.annotation.backend}")
     return 0

@@ -20,7 +20,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from detloop.core.errors import BadInput
-from detloop.fiftyone.db import import_fiftyone
 from detloop.fiftyone.load import GT_FIELD
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,8 @@ SOURCE_KINDS = ("zoo", "coco", "yolo")
 
 def _persistent_clone(view, name: str):
     """``view`` cloned into a persistent dataset ``name`` (an existing one of that name is replaced)."""
-    fo = import_fiftyone()
+    import fiftyone as fo
+
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
     dataset = view.clone(name)
@@ -64,7 +64,8 @@ def load_source(spec: Mapping, name: str | None = None):
     """A source dataset from ``spec``: ``{kind: zoo, name, split, classes, max_samples, zoo_dir, download}``
     (FiftyOne zoo; Open Images gets ``only_matching`` detections of the classes), ``{kind: coco,
     dir}`` (``data/`` + ``labels.json``) or ``{kind: yolo, dir}`` (YOLOv5/Ultralytics layout)."""
-    fo = import_fiftyone()
+    import fiftyone as fo
+
     spec = dict(spec)
     kind = spec.get("kind", "zoo")
     if kind not in SOURCE_KINDS:
@@ -136,9 +137,9 @@ def merge_sources(
 ):
     """One persistent dataset ``name`` from several collections: each source's labels renamed by
     ``label_map`` and, with ``classes``, only those labels (and samples having some) kept."""
+    import fiftyone as fo
     from fiftyone import ViewField as F  # noqa: N817
 
-    fo = import_fiftyone()
     if not sources:
         raise BadInput("merge_sources: no sources given")
     if fo.dataset_exists(name):
@@ -162,7 +163,6 @@ def seeded_split(dataset, fractions: Mapping[str, float], seed: int) -> dict[str
     these names are removed first, other tags kept. Returns the count per split."""
     import fiftyone.utils.random as four
 
-    import_fiftyone()
     fractions = {str(k): float(v) for k, v in fractions.items()}
     if not fractions or any(v < 0 for v in fractions.values()) or sum(fractions.values()) <= 0:
         raise BadInput(f"split fractions {fractions}", ["fiftyone.curate.split: non-negative, sum > 0"])
@@ -181,7 +181,8 @@ def export_ultralytics(
 ) -> Path:
     """Export in Ultralytics (YOLOv5) format; with ``splits`` each tagged split goes to its own folder,
     else everything to ``val``. Returns the ``dataset.yaml``."""
-    fo = import_fiftyone()
+    import fiftyone as fo
+
     export_dir = Path(export_dir)
     classes = [str(c) for c in classes]  # numpy strings would be written to dataset.yaml as objects
     for split in splits or [None]:

@@ -1,17 +1,13 @@
-"""FiftyOne's database and import: the process rules every detloop FiftyOne command follows.
+"""FiftyOne's database: the project's own ``mongod`` and the connection every detloop FiftyOne command uses.
 
-* **Import order.** In the pinned environment MLflow loads the ``importlib_metadata`` backport, after
-  which ``import fiftyone`` fails (``KeyError: 'author'`` while reading package metadata).
-  :func:`import_fiftyone` refuses with a clear message instead; the ``detloop`` commands therefore
-  resolve registry models in the command's process and do all FiftyOne work in a child process
-  (:mod:`detloop.fiftyone.job`) that never imports MLflow. In a notebook, import FiftyOne first.
-* **Which database.** ``fiftyone.database.uri`` names an existing MongoDB; when it is null detloop
-  runs its own ``mongod`` (the binary FiftyOne ships) on 127.0.0.1 with the dbpath
-  ``fiftyone.database.dir``. A FiftyOne process would otherwise join any FiftyOne database already
-  running on the machine, whatever its ``FIFTYONE_DATABASE_DIR``. The project's mongod keeps
-  running after a command (the datasets are persistent); ``detloop inspect --stop-db`` stops it.
+``fiftyone.database.uri`` names an existing MongoDB; when it is null detloop runs its own ``mongod``
+(the binary FiftyOne ships) on 127.0.0.1 with the dbpath ``fiftyone.database.dir``. A FiftyOne
+process would otherwise join any FiftyOne database already running on the machine, whatever its
+``FIFTYONE_DATABASE_DIR``. The project's mongod keeps running after a command (the datasets are
+persistent); ``detloop inspect --stop-db`` stops it.
 
-This module imports neither FiftyOne nor MLflow at import time.
+FiftyOne and MLflow share the process (``importlib_metadata`` is pinned below 8, see pyproject.toml).
+This module imports FiftyOne only in :func:`connect` (the import takes seconds).
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,29 +33,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "detloop-mongod.json"  # pid and port of the project's mongod, beside its data files
 START_TIMEOUT_S = 60.0
-# modules after which `import fiftyone` fails (the importlib_metadata backport that MLflow loads)
-CONFLICTING_MODULES = ("importlib_metadata", "mlflow")
-
-
-class FiftyOneImportOrder(RuntimeError):
-    """FiftyOne was requested in a process that already imported MLflow."""
-
-
-def import_fiftyone():
-    """``import fiftyone`` after checking this process can (raises FiftyOneImportOrder otherwise)."""
-    if "fiftyone" in sys.modules:
-        return sys.modules["fiftyone"]
-    loaded = [name for name in CONFLICTING_MODULES if name in sys.modules]
-    if loaded:
-        raise FiftyOneImportOrder(
-            f"FiftyOne cannot be imported in this process: {', '.join(loaded)} is already imported "
-            "(the importlib_metadata backport MLflow loads breaks FiftyOne's import with KeyError 'author'). "
-            "Import FiftyOne first (detloop.fiftyone.db.import_fiftyone() before anything imports mlflow), "
-            "or run the FiftyOne step in its own process (detloop.fiftyone.job)."
-        )
-    import fiftyone
-
-    return fiftyone
 
 
 # --------------------------------------------------------------------------- the project's mongod
@@ -201,11 +173,15 @@ def database_uri(cfg: DictConfig) -> str:
 
 
 def connect(cfg: DictConfig):
-    """Point FiftyOne (and App servers it starts) at :func:`database_uri`; return the ``fiftyone`` module."""
+    """Point FiftyOne (and App servers it starts) at :func:`database_uri`; return the ``fiftyone`` module.
+
+    Call it before any other FiftyOne call of the process: FiftyOne keeps the first connection it makes.
+    """
     uri = database_uri(cfg)
-    os.environ["FIFTYONE_DATABASE_URI"] = uri  # read by the App server process FiftyOne launches
+    os.environ["FIFTYONE_DATABASE_URI"] = uri  # read by FiftyOne's import and by the App server it launches
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
-    fo = import_fiftyone()
+    import fiftyone as fo
+
     if fo.config.database_uri != uri:
         fo.config.database_uri = uri
     return fo

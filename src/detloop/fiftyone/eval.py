@@ -20,7 +20,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from detloop.core.errors import BadInput
-from detloop.fiftyone.db import import_fiftyone
 from detloop.fiftyone.load import GT_FIELD
 
 log = logging.getLogger(__name__)
@@ -143,7 +142,6 @@ def class_patches(samples, key: str, label: str, pred_field: str, gt_field: str 
     """The evaluation patches (TP / FP / FN crops) of one class under ``key``."""
     from fiftyone import ViewField as F  # noqa: N817
 
-    import_fiftyone()
     view = samples.filter_labels(gt_field, F("label") == label, only_matches=False).filter_labels(
         pred_field, F("label") == label, only_matches=False
     )
@@ -157,7 +155,6 @@ def compare(
     and the views where the candidate finds fewer / more objects than the base."""
     from fiftyone import ViewField as F  # noqa: N817
 
-    import_fiftyone()
     out = {}
     for role, field in (("base", base_field), ("candidate", candidate_field)):
         results = evaluate(samples, field, cfg, gt_field=gt_field)

@@ -11,7 +11,8 @@ Writes are batched: new samples with ``add_samples`` and predictions with one ``
 field (keyed by file path), never a ``sample.save()`` per sample. Re-loading a set adds the new
 samples and drops those that left it (e.g. reviewed inbox reports); labels already in the dataset,
 such as a reviewer's edits, are kept. The pure converters here need neither FiftyOne's database
-nor MLflow; every function that touches FiftyOne imports it through :mod:`detloop.fiftyone.db`.
+nor MLflow; FiftyOne is imported by the functions that use it (call :func:`detloop.fiftyone.db.connect`
+first, so that they use the project's database).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from detloop.core.config import resolve_path
 from detloop.core.errors import BadInput
 from detloop.data.manifest import MANIFEST, read_manifest
 from detloop.data.yolo_format import is_image_name, label_path_for
-from detloop.fiftyone.db import import_fiftyone
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def crop_mask(mask: np.ndarray, box_xyxy: Sequence[float]) -> np.ndarray:
 
 def detections_from_yolo(rows: np.ndarray, names: dict[int, str]):
     """``fo.Detections`` from YOLO label rows (``cls xc yc w h``, normalized); empty rows -> no detections."""
-    fo = import_fiftyone()
+    import fiftyone as fo
+
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
     boxes = yolo_to_boxes(rows[:, 1:5])
     labels = class_names(rows[:, 0].astype(np.int64), names)
@@ -114,7 +115,8 @@ def detections_from_pixels(
 ):
     """``fo.Detections`` from a model's pixel xyxy boxes, class ids and confidences on an image of
     ``size`` (width, height); ``masks`` (optional) are full-image masks, cropped to each box."""
-    fo = import_fiftyone()
+    import fiftyone as fo
+
     width, height = size
     boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
     rel = np.stack(
@@ -186,7 +188,8 @@ def load_set(cfg: DictConfig, set_name: str, names: dict[int, str]):
     ``ground_truth`` starts as a copy for the reviewer to verify); samples whose image left the set
     are deleted from the dataset. Existing samples and their labels are not touched.
     """
-    fo = import_fiftyone()
+    import fiftyone as fo
+
     from detloop.evaluation.evaluator import image_size
 
     name = dataset_name(cfg, set_name)
@@ -320,7 +323,7 @@ def add_predictions(cfg: DictConfig, dataset, model: dict, view=None) -> str:
 def fill_review_labels(cfg: DictConfig, dataset, pred_field: str) -> int:
     """Inbox samples without reported labels get the model's predictions at the serving confidence as
     the labels to verify (``fiftyone.review.label_field``); returns how many were filled."""
-    fo = import_fiftyone()
+    import fiftyone as fo
     from fiftyone import ViewField as F  # noqa: N817
 
     label_field = str(cfg.fiftyone.review.label_field)

@@ -32,22 +32,83 @@ from detloop.core.errors import BadInput
 from detloop.data import review as file_review
 from detloop.data.manifest import MANIFEST, read_manifest
 from detloop.data.store import REJECTED_DIR, REJECTED_MANIFEST, find_image, locked
-from detloop.fiftyone.db import import_fiftyone
+from detloop.fiftyone import load as fo_load
 from detloop.fiftyone.load import dataset_name, read_yolo_labels
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REASON = "rejected in the FiftyOne App"
 BACKEND_MODULES = {"labelstudio": "label_studio_sdk", "labelbox": "labelbox"}  # extra packages a backend needs
+TAG_PATHS_GROUP = "_label_tags"  # a sidebar group the App does not display (see show_in_app)
 
 
 def review_dataset(cfg: DictConfig):
     """The inbox review dataset (BadInput when ``detloop review open`` has not built it)."""
-    fo = import_fiftyone()
+    import fiftyone as fo
+
     name = dataset_name(cfg, str(cfg.fiftyone.review.dataset))
     if not fo.dataset_exists(name):
         raise BadInput(f"no review dataset {name!r}", ["run `detloop review open` first"])
     return fo.load_dataset(name)
+
+
+def open_review(cfg: DictConfig, models: list[dict]) -> tuple[dict, object]:
+    """``detloop review open``: the inbox dataset brought up to date with the inbox, each model's
+    predictions added (``models`` from :func:`detloop.fiftyone.inspection.resolve_models`) and, for reports
+    without labels, proposed as the labels to verify; shown in the App with the review tags.
+    Prints what waits for review; returns ``(result, dataset)``."""
+    from detloop.data.datasets import anchor_names
+
+    names = anchor_names(resolve_path(cfg, "anchor"))
+    finish_interrupted(cfg)
+    dataset = fo_load.load_set(cfg, str(cfg.fiftyone.review.dataset), names)
+    sync_with_inbox(cfg, dataset)
+    fields, filled = [], 0
+    for model in models:
+        field = fo_load.add_predictions(cfg, dataset, model)
+        fields.append(field)
+        filled += fo_load.fill_review_labels(cfg, dataset, field)
+    show_in_app(cfg, dataset)
+    result = {"dataset": dataset.name, "samples": len(dataset), "fields": fields, "proposed_from_predictions": filled}
+    r = cfg.fiftyone.review
+    print(
+        f"{dataset.name}: {len(dataset)} report(s) to review; {filled} with the model's predictions as "
+        f"proposed labels. Tag samples '{r.verified_tag}' or '{r.rejected_tag}', then: "
+        "detloop review commit --reviewer NAME"
+    )
+    return result, dataset
+
+
+def show_in_app(cfg: DictConfig, dataset) -> None:
+    """The review dataset opens with its sample tags, the labels to verify and the predictions shown.
+
+    The App (FiftyOne 1.22) checks by default only the ``active_fields`` paths it finds in the sidebar
+    groups, and it always rebuilds its "tags" group empty: ``tags`` in ``active_fields`` alone stays
+    unchecked. A group named ``_label_tags`` is left out of the displayed sidebar but its paths count,
+    so it carries ``tags`` and ``_label_tags`` and the grid shows the tag pills. The review tags get
+    colours of their own (``fiftyone.review.verified_color`` / ``rejected_color``).
+    """
+    import fiftyone as fo
+    from fiftyone.core.odm.dataset import ActiveFields, SidebarGroupDocument
+
+    review = cfg.fiftyone.review
+    label_field = str(review.label_field)
+    fields = [f for f in dataset.get_field_schema() if f == label_field or f.startswith("predictions_")]
+    tag_paths = ["tags", "_label_tags"]
+    config = dataset.app_config
+    config.active_fields = ActiveFields(paths=[*tag_paths, *fields])
+    groups = config.sidebar_groups or fo.DatasetAppConfig.default_sidebar_groups(dataset)
+    config.sidebar_groups = [
+        *(g for g in groups if g.name != TAG_PATHS_GROUP),
+        SidebarGroupDocument(name=TAG_PATHS_GROUP, paths=tag_paths),
+    ]
+    tag_colors = [
+        {"value": str(review.verified_tag), "color": str(review.verified_color)},
+        {"value": str(review.rejected_tag), "color": str(review.rejected_color)},
+        {"value": "inbox", "color": "#757575"},
+    ]  # the tag every inbox sample has: neutral
+    config.color_scheme = fo.ColorScheme(color_by="value", fields=[{"path": "tags", "valueColors": tag_colors}])
+    dataset.save()
 
 
 # --------------------------------------------------------------------------- labels -> YOLO text

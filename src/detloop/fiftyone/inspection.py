@@ -1,0 +1,127 @@
+"""``detloop inspect``: detloop's sets with model predictions in FiftyOne, evaluated, optionally in the App.
+
+:func:`resolve_models` turns registry versions and aliases (MLflow) or local ``.pt`` files into
+``{weights, version, imgsz, label}``; :func:`inspect_sets` loads the sets, adds each model's
+predictions, evaluates them and prints the figures and classification report; :func:`launch_app`
+serves the App. Call :func:`detloop.fiftyone.db.connect` before the FiftyOne functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from detloop.core.config import resolve_path
+from detloop.core.errors import BadInput
+from detloop.data.datasets import anchor_names
+from detloop.fiftyone import eval as fo_eval
+from detloop.fiftyone import load as fo_load
+
+log = logging.getLogger(__name__)
+
+
+def resolve_models(cfg: DictConfig, specs: list[str]) -> list[dict]:
+    """Registry versions / aliases (or local ``.pt`` files) -> ``{weights, version, imgsz, label}``.
+
+    Registered weights are downloaded once per version to ``build/fiftyone/models/v<N>`` (versions
+    are immutable). Raises BadInput naming a spec that is neither a file, a version nor an alias.
+    """
+    out, registered = [], []
+    for spec in dict.fromkeys(str(s) for s in specs):
+        path = Path(spec).expanduser()
+        if spec.endswith(".pt"):
+            if not path.is_file():
+                raise BadInput(f"model {spec!r}: weights file not found")
+            out.append({"weights": str(path.absolute()), "version": None, "imgsz": None, "label": path.name})
+        else:
+            registered.append(spec)
+    if registered:
+        out += _registered(cfg, registered, resolve_path(cfg, "build") / "fiftyone" / "models")
+    return out
+
+
+def _registered(cfg: DictConfig, specs: list[str], cache: Path) -> list[dict]:
+    from detloop.model.pyfunc import model_weights
+    from detloop.tracking import registry, runs
+
+    runs.setup(cfg)
+    name = cfg.mlflow.registered_model
+    out = []
+    for spec in specs:
+        version = spec.lstrip("v") if spec.lstrip("v").isdigit() else registry.alias_holder(name, spec)
+        if version is None:
+            raise BadInput(
+                f"model {spec!r}: no version of {name} holds alias {spec!r}",
+                ["give a version number, an alias (base, staging, production) or a .pt file"],
+            )
+        folder = cache / f"v{version}"
+        found = sorted((folder / "artifacts").glob("*.pt")) if folder.is_dir() else []
+        if found and (folder / "imgsz").is_file():
+            weights, imgsz = found[0], int((folder / "imgsz").read_text())
+        else:
+            weights, config = model_weights(f"models:/{name}/{version}", folder)
+            imgsz = int(config.get("imgsz", 640))
+            (folder / "imgsz").write_text(str(imgsz))
+        out.append(
+            {
+                "weights": str(weights),
+                "version": str(version),
+                "imgsz": imgsz,
+                "label": f"v{version}" + (f" ({spec})" if not spec.lstrip("v").isdigit() else ""),
+            }
+        )
+    return out
+
+
+def inspect_sets(cfg: DictConfig, sets: list[str], models: list[dict], *, evaluate: bool = True) -> tuple[dict, dict]:
+    """Load ``sets`` with each model's predictions and evaluate them (not on the inbox, which has no
+    verified labels). Prints each evaluation's mAP and classification report.
+
+    Returns ``(result, datasets)``: ``result`` is JSON-ready, ``{datasets: {name: {samples, fields,
+    figures: {field: {map50, map50_95, per_class_ap50, eval_key, report}}}}}``; ``datasets`` maps the
+    set names to their FiftyOne datasets.
+    """
+    names = anchor_names(resolve_path(cfg, "anchor"))
+    result: dict = {"datasets": {}}
+    datasets = {}
+    for set_name in fo_load.check_sets(sets):
+        dataset = fo_load.load_set(cfg, set_name, names)
+        datasets[set_name] = dataset
+        entry = result["datasets"][dataset.name] = {"samples": len(dataset), "fields": [], "figures": {}}
+        for model in models:
+            field = fo_load.add_predictions(cfg, dataset, model)
+            entry["fields"].append(field)
+            if evaluate and set_name != "inbox" and len(dataset):
+                entry["figures"][field] = _evaluate(cfg, dataset, field, model)
+    return result, datasets
+
+
+def _evaluate(cfg: DictConfig, dataset, field: str, model: dict) -> dict:
+    results = fo_eval.evaluate(dataset, field, cfg)
+    figures = fo_eval.figures(results)
+    threshold = cfg.fiftyone.evaluate.report_conf
+    conf = None if threshold is None else float(threshold)
+    report = fo_eval.report(results, dataset, int(cfg.fiftyone.evaluate.top_n), conf=conf)
+    if conf is not None:
+        print(f"classification report at confidence >= {conf:g}:")
+    print(
+        f"{dataset.name} {field} ({model.get('label')}): mAP50 {figures['map50']:.4f}, "
+        f"mAP50-95 {figures['map50_95']:.4f}"
+    )
+    print(fo_eval.format_report(report))
+    return {**figures, "eval_key": fo_eval.eval_key(field), "report": report}
+
+
+def launch_app(cfg: DictConfig, dataset) -> None:
+    """Serve the App on ``fiftyone.app.address:port``, print the URL and block until interrupted."""
+    import fiftyone as fo
+
+    app = cfg.fiftyone.app
+    session = fo.launch_app(dataset, address=str(app.address), port=int(app.port), remote=True, auto=False)
+    url = f"http://{app.address}:{int(app.port)}/datasets/{dataset.name}" if dataset is not None else session.url
+    print(f"FiftyOne App: {url}  (Ctrl-C to stop)", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        session.wait(-1)
