@@ -15,8 +15,7 @@ valid manifest (splits fixed by ``detloop.data.manifest.split_for``, as ``detloo
   with ``take(n, seed=...)`` plus the pool train samples (and anchor val + pool val), and ``export`` them
   as a YOLOv5 training set on disk. Start-up (start the bundled MongoDB, import fiftyone, connect) is
   timed apart; the MongoDB is the bundled ``mongod`` started on its own port and data folder.
-  (A child process because ``import fiftyone`` 1.22 fails with ``KeyError: 'author'`` once MLflow has
-  imported ``importlib_metadata`` 9; for the same reason ``detloop.mix`` is imported where it is used.)
+  (A child process so that its start-up, memory and MongoDB are measured apart from the detloop side.)
 
 Results go to ``build/benchmarks/mix_scale.json``; the load average is recorded next to every timing.
 
