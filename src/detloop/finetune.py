@@ -65,6 +65,7 @@ def run(cfg: DictConfig) -> dict:
     if not mix.get("triggered"):
         log.info("no fine-tune: %s", mix.get("trigger"))
         write_json(out / "model.json", {"skipped": True, "trigger": mix.get("trigger")})
+        write_json(out / "metrics.json", {"skipped": True})  # a DVC metric: present whether or not it trained
         write_json(out / "lineage.json", {"stage": STAGE, "skipped": mix.get("trigger")})
         return {"skipped": True, "trigger": mix.get("trigger")}
     runs.setup(cfg)

@@ -56,6 +56,7 @@ def run(cfg: DictConfig) -> dict:
         message = f"no base retrain: fewer than {due.get('threshold')} new verified samples since the newest base"
         log.info("%s", message)
         write_json(out / "model.json", {"skipped": True, "reason": message})
+        write_json(out / "metrics.json", {"skipped": True})  # a DVC metric: present whether or not it trained
         write_json(out / "lineage.json", {"stage": STAGE, "skipped": True, "input": due})
         return {"skipped": True, "reason": message}
     anchor = resolve_path(cfg, "anchor")

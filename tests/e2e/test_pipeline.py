@@ -61,10 +61,8 @@ def git(cwd: Path, *args: str) -> str:
     return sh(cwd, "git", "-c", "user.name=detloop-test", "-c", "user.email=test@detloop.invalid", *args).stdout
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A copy of the working tree (tracked and new files) as its own git repo, set to tiny size."""
-    dest = tmp_path_factory.mktemp("e2e") / "repo"
+def copy_working_tree(dest: Path) -> Path:
+    """The working tree's tracked and new files (uncommitted edits included) in ``dest``, set to tiny size."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -76,6 +74,13 @@ def repo(tmp_path_factory) -> Path:
     for conf, values in TINY.items():
         for key, value in values.items():
             set_yaml(dest / conf, key, value)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A copy of the working tree (tracked and new files) as its own git repo, set to tiny size."""
+    dest = copy_working_tree(tmp_path_factory.mktemp("e2e") / "repo")
     git(dest, "init", "-q", "-b", "main")
     sh(dest, "detloop", "demo-data")
     sh(dest, "dvc", "add", "data")
@@ -165,9 +170,9 @@ def test_reviewed_samples_rerun_mix_and_finetune_only(repo):
     git(repo, "commit", "-q", "-am", "reviewed inbox")
 
 
-def test_editing_evaluate_conf_reruns_only_evaluate(repo):
+def test_editing_evaluate_conf_reruns_only_evaluate_and_the_gate(repo):
     set_yaml(repo / "conf/evaluate/default.yaml", "batch", 4)
-    assert stages_to_run(repo) == {"evaluate"}
+    assert stages_to_run(repo) == {"evaluate", "gate"}  # the gate measures with the evaluate settings
     out = sh(repo, "dvc", "repro").stdout
     assert "Running stage 'evaluate'" in out and "Running stage 'base'" not in out
     assert len(versions(repo)) == 1

@@ -40,6 +40,8 @@ def test_below_the_threshold_nothing_is_retrained_and_the_input_stays_constant(p
     result = run_retrain(compose(overrides))
     assert result["skipped"] and "fewer than 2000" in result["reason"]
     assert [v["version"] for v in registry.versions(compose(overrides))] == ["1"]
+    # and its DVC metric says so (a missing file makes `dvc metrics show` report a failure)
+    assert json.loads((base / "build" / "retrain" / "metrics.json").read_text()) == {"skipped": True}
 
 
 def test_at_the_threshold_a_new_base_is_trained_on_anchor_and_pool_and_awaits_the_gates(project):

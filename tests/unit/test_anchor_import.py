@@ -43,7 +43,7 @@ def anchor(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cfg(anchor: Path):
-    return compose([f"paths.anchor={anchor}"])
+    return compose([f"paths.data={anchor.parent}"])  # anchor, pool and inbox under tmp_path/data
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (32, 24), fmt: str = "JPEG") -> Path:
@@ -132,8 +132,36 @@ def test_valid_dataset_is_imported_with_matching_manifest(tmp_path, cfg, anchor)
         "test": {"images": 2, "labels": 1, "background": 1, "boxes": 1},
     }
     assert summary["target"] == str(anchor) and summary["names"] == {0: "cat", 1: "dog"}
-    # and nothing but the anchor was left beside it
-    assert [p.name for p in anchor.parent.iterdir()] == ["anchor"]
+    # and nothing but the anchor and an empty pool and inbox were left beside it
+    assert sorted(p.name for p in anchor.parent.iterdir()) == ["anchor", "inbox", "pool"]
+
+
+def test_the_first_import_starts_an_empty_pool_and_inbox(tmp_path, cfg, anchor):
+    # given a fresh project: no data folder at all
+    assert not anchor.parent.exists()
+    # when a dataset is imported
+    summary = import_anchor(make_dataset(tmp_path / "src"), cfg)
+    # then the pool and the inbox exist with an empty manifest each (files, so `dvc add data` records them)
+    for key in ("pool", "inbox"):
+        assert (anchor.parent / key / "manifest.jsonl").read_bytes() == b""
+        assert [p.name for p in (anchor.parent / key).iterdir()] == ["manifest.jsonl"]
+    assert summary["started"] == [str(anchor.parent / k / "manifest.jsonl") for k in ("pool", "inbox")]
+
+
+def test_replacing_the_anchor_leaves_pool_and_inbox_as_they_are(tmp_path, cfg, anchor):
+    # given a project whose pool and inbox hold samples
+    pool_rows = b'{"id":"r1","split":"train"}\n'
+    (anchor.parent / "pool").mkdir(parents=True)
+    (anchor.parent / "pool" / "manifest.jsonl").write_bytes(pool_rows)
+    import_anchor(make_dataset(tmp_path / "old", seed=7), cfg)
+    (anchor.parent / "inbox" / "manifest.jsonl").write_bytes(b'{"id":"r2"}\n')
+    before = {k: snapshot(anchor.parent / k) for k in ("pool", "inbox")}
+    # when the anchor is replaced
+    summary = import_anchor(make_dataset(tmp_path / "src"), cfg, replace=True)
+    # then neither the append-only pool nor the inbox changed, and nothing was started
+    assert {k: snapshot(anchor.parent / k) for k in ("pool", "inbox")} == before
+    assert before["pool"] == {"manifest.jsonl": pool_rows}
+    assert summary["started"] == []
 
 
 def test_written_anchor_is_itself_a_valid_dataset(tmp_path, cfg, anchor, monkeypatch):
@@ -335,7 +363,7 @@ def test_every_problem_is_reported_at_once(tmp_path, cfg):
 
 def test_too_many_pixels_from_config_is_refused(tmp_path, anchor):
     # given a pixel limit below the dataset's 32x24 images, set in the config
-    cfg = compose([f"paths.anchor={anchor}", "+yolo_format.max_pixels=500"])
+    cfg = compose([f"paths.data={anchor.parent}", "+yolo_format.max_pixels=500"])
     ds = make_dataset(tmp_path / "src")
     # when imported, then each image is too large, and nothing is written
     err = refused(ds, cfg)
@@ -365,7 +393,7 @@ def test_replace_true_replaces_the_anchor(tmp_path, cfg, anchor):
     rows = read_manifest(anchor / "manifest.jsonl")
     assert {Path(r["source"]).parent.parent.parent for r in rows} == {ds}
     assert not (anchor / "stale.txt").exists()
-    assert [p.name for p in anchor.parent.iterdir()] == ["anchor"]
+    assert sorted(p.name for p in anchor.parent.iterdir()) == ["anchor", "inbox", "pool"]
 
 
 def test_empty_anchor_folder_is_not_an_anchor(tmp_path, cfg, anchor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -81,3 +82,28 @@ def test_mixing_without_old_data_is_refused(project):
     shutil.rmtree(data / "anchor" / "images" / "train")
     with pytest.raises(BadInput, match="no old data"):
         build_mix(cfg, _trigger(12))
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_no_pool_yet_waits_and_the_training_stages_record_the_skip(tmp_path, tiny_data, registry_overrides, state):
+    # given a project with an anchor and a registry but no pool (missing) or an empty one (`anchor import`)
+    from detloop import finetune, mix, retrain
+
+    shutil.copytree(tiny_data, tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "pool")
+    if state == "empty":
+        (tmp_path / "data" / "pool").mkdir()
+        (tmp_path / "data" / "pool" / "manifest.jsonl").write_bytes(b"")
+    cfg = compose(registry_overrides)
+    # when the mix, finetune and retrain stages run
+    record = mix.run(cfg)
+    skipped = [finetune.run(cfg), retrain.run(cfg)]
+    # then the mix waits for 50 new samples with empty lists, and both training stages skip
+    assert not record["triggered"] and record["pool_size"] == 0
+    assert record["trigger"] == "waiting: 0/50 new verified samples"
+    build = tmp_path / "build"
+    assert (build / "mix" / "train.txt").read_text() == (build / "mix" / "val.txt").read_text() == ""
+    assert all(result["skipped"] for result in skipped)
+    # and each writes its DVC metric, so `dvc metrics show` loads every file
+    for stage in ("finetune", "retrain"):
+        assert json.loads((build / stage / "metrics.json").read_text()) == {"skipped": True}

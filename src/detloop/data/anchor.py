@@ -10,6 +10,11 @@ Anchor layout written here (see docs/architecture: data layout)::
     images/<split>/<file name>      copied bytes
     labels/<split>/<stem>.txt       copied bytes; an empty file for a background image
     manifest.jsonl                  id (<split>/<stem>), split, sha256, source; sorted by id
+
+It also starts an empty pool and inbox (``paths.pool``, ``paths.inbox``: an empty ``manifest.jsonl``
+each) where none exist, so that a first ``dvc add data`` + ``dvc repro`` finds every data folder the
+pipeline reads (DVC tracks files, not empty folders) and the ``mix`` stage records "waiting: 0/50".
+An existing pool or inbox is never touched.
 """
 
 from __future__ import annotations
@@ -74,15 +79,38 @@ def import_anchor(source: Path, cfg: DictConfig, replace: bool = False) -> dict:
 
     Raises BadInput listing every problem (nothing written) when the data is invalid, or when an
     anchor already exists and ``replace`` is False. Returns a summary: target, source, names and
-    per split the counts of images, labelled images, background images and boxes.
+    per split the counts of images, labelled images, background images and boxes, and ``started``:
+    the empty pool and inbox manifests written because there were none (see ``start_pool_and_inbox``).
     """
     target = resolve_path(cfg, "anchor")
     max_pixels = OmegaConf.select(cfg, MAX_PIXELS_KEY, default=DEFAULT_MAX_PIXELS)
     plan = plan_anchor(Path(source), target, replace=replace, max_pixels=max_pixels)
     write_anchor(plan, target)
     summary = summarize(plan, target)
+    summary["started"] = [str(path) for path in start_pool_and_inbox(cfg)]
     log.info("anchor imported into %s: %s", target, _counts_text(summary["splits"]))
     return summary
+
+
+def start_pool_and_inbox(cfg: DictConfig) -> list[Path]:
+    """An empty ``manifest.jsonl`` in ``paths.pool`` and ``paths.inbox`` where there is none; the ones written.
+
+    The pool stays append-only: an existing manifest (empty or not) is left as it is.
+    """
+    started = []
+    for key in ("pool", "inbox"):
+        manifest = resolve_path(cfg, key) / MANIFEST
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(manifest, "xb"):  # exclusive create: never truncates a manifest written meanwhile
+                pass
+        except FileExistsError:
+            continue
+        fsync_file(manifest)
+        fsync_file(manifest.parent)
+        started.append(manifest)
+        log.info("started an empty %s: %s", key, manifest)
+    return started
 
 
 # --------------------------------------------------------------------------- validation
