@@ -1,0 +1,1 @@
+"""The ``detloop`` console script: one module per command family."""

@@ -1,0 +1,1 @@
+"""The detector itself: Ultralytics loading (offline) and the MLflow pyfunc model contract."""

@@ -1,0 +1,1 @@
+"""MLflow: stage runs, the Model Registry (aliases, audit trail) and promotion / rollback."""
