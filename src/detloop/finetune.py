@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> dict:
         write_json(out / "metrics.json", {"skipped": True})  # a DVC metric: present whether or not it trained
         write_json(out / "lineage.json", {"stage": STAGE, "skipped": mix.get("trigger")})
         return {"skipped": True, "trigger": mix.get("trigger")}
-    runs.setup(cfg)
+    experiment_id = runs.setup(cfg)  # an unreachable store fails here, before any work
     base_version = starting_version(cfg)
     name = cfg.mlflow.registered_model
     with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -79,6 +79,7 @@ def run(cfg: DictConfig) -> dict:
             cfg.finetune,
             STAGE,
             mix_yaml(cfg, out),
+            experiment_id=experiment_id,
             run_name=f"finetune from v{base_version}",
             params={f"mixed.{k}": v for k, v in mix.items() if k not in ("ratios", "trigger_reasons")},
             param_groups=["finetune", "mix"],

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from detloop.core.config import resolve_path
 from detloop.core.errors import BadInput
 from detloop.data.manifest import MANIFEST, copy_atomic, fsync_file, sha256_file, write_manifest
+from detloop.data.store import fsync_dir
 from detloop.data.yolo_format import (
     DEFAULT_MAX_PIXELS,
     SPLITS,
@@ -107,7 +108,7 @@ def start_pool_and_inbox(cfg: DictConfig) -> list[Path]:
         except FileExistsError:
             continue
         fsync_file(manifest)
-        fsync_file(manifest.parent)
+        fsync_dir(manifest.parent)
         started.append(manifest)
         log.info("started an empty %s: %s", key, manifest)
     return started

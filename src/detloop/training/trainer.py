@@ -26,6 +26,7 @@ def train_and_register(
     stage: str,
     data_yaml: Path,
     *,
+    experiment_id: str,
     run_name: str,
     params: dict,
     param_groups: list[str],
@@ -35,8 +36,8 @@ def train_and_register(
     """Train ``model`` with ``group.train`` on ``data_yaml`` in one MLflow run of ``stage``, log the
     per-epoch metrics, plots and files, and register the best checkpoint with ``group.predict``'s
     serving thresholds. Returns ``{version, run_id, final}``; aliases and version tags are the caller's.
+    ``experiment_id`` is :func:`detloop.tracking.runs.setup`'s, called by the stage before any work.
     """
-    experiment_id = runs.setup(cfg)  # an unreachable store fails here, before any work
     out = stage_dir(cfg, stage)
     train_args = OmegaConf.to_container(group.train, resolve=True)
     with runs.stage_run(cfg, stage, experiment_id, run_name=run_name) as run:
@@ -69,9 +70,17 @@ def train_from_scratch(
     Used by the ``base`` stage (anchor only) and the ``retrain`` stage (anchor + pool).
     """
     model = load_model(group.model)  # refuses a .pt that would need a download
-    runs.setup(cfg)  # an unreachable store fails here, before any work
+    experiment_id = runs.setup(cfg)  # an unreachable store fails here, before any work
     return train_and_register(
-        cfg, model, group, stage, data_yaml, run_name=run_name, params=params, param_groups=[stage]
+        cfg,
+        model,
+        group,
+        stage,
+        data_yaml,
+        experiment_id=experiment_id,
+        run_name=run_name,
+        params=params,
+        param_groups=[stage],
     )
 
 
