@@ -110,11 +110,46 @@ def register_version(cfg, tags: dict | None = None) -> str:
             raise
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
     run = client.create_run(experiment)
+    tags = dict(tags or {})
+    if "kind" in tags:  # the training run's immutable record of what it trained (as the training stages log it)
+        client.log_param(run.info.run_id, "kind", tags["kind"])
+    if tags.get("base_version"):
+        client.log_param(run.info.run_id, "finetune.base_version", tags["base_version"])
     client.set_terminated(run.info.run_id)
     version = str(client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id).version)
-    for key, value in (tags or {}).items():
+    if "gate.decision" in tags:
+        log_gate_record(cfg, version, run.info.run_id, tags)
+    for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     return version
+
+
+def log_gate_record(cfg, version: str, run_id: str, tags: dict) -> None:
+    """The gate's record (``gate/decision.json`` in the run) that the tags ``gate.*`` summarise."""
+    import json
+    import tempfile
+
+    import mlflow
+
+    figures = {}
+    for key, value in tags.items():
+        if key.startswith("gate.") and key not in ("gate.decision", "gate.time", "gate.reference_version"):
+            try:
+                figures[key] = float(value)
+            except ValueError:
+                pass
+    record = {
+        "skipped": False,
+        "decision": tags["gate.decision"],
+        "candidate": {"name": cfg.mlflow.registered_model, "version": version, "kind": tags.get("kind", "")},
+        "production": {"version": tags.get("gate.reference_version", ""), "alias": "production"},
+        "figures": figures,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "gate"
+        folder.mkdir()
+        (folder / "decision.json").write_text(json.dumps(record))
+        mlflow.MlflowClient().log_artifacts(run_id, str(folder), artifact_path="gate")
 
 
 def wait_healthy(url: str, proc, what: str, timeout: float = 120.0, log: Path | None = None) -> None:

@@ -125,15 +125,11 @@ def _tag(cfg: DictConfig, version: str, run_id: str, base_version: str, mix: dic
             "kind": "finetune",
             "base_version": base_version,
             "run_id": run_id,
-            "forced": str(mix["forced"]).lower(),
             "pool.size": mix["pool_size"],
-            "pool.train_size": mix["new_train"],
             "pool.manifest_sha256": mix["pool_manifest_sha256"],
-            "mix.multiplier": mix["multiplier"],
-            "mix.old_train": mix["old_train"],
-            "mix.seed": mix["seed"],
+            **({"forced": "true"} if mix["forced"] else {}),
         }
-    )
+    )  # the mix's other figures are the run's params (mixed.*)
     registry.set_version_tags(cfg.mlflow.registered_model, version, tags)
     registry.describe(
         cfg,

@@ -86,16 +86,15 @@ def _tag(cfg: DictConfig, trained: dict, due: dict, counts: dict, anchor: Path, 
         {
             "kind": "base",
             "retrain": "true",
-            "forced": str(due["forced"]).lower(),
             "run_id": run_id,
             "pool.size": due["pool_size"],
-            "pool.train_size": counts["data.pool_train"],
             "pool.manifest_sha256": pool_sha,
             "lineage.anchor_manifest_sha256": manifest_hash(anchor / MANIFEST),
             "lineage.base_model": str(cfg.retrain.model),
-            "retrain.since_base_version": due.get("since_base_version") or "",
+            **({"forced": "true"} if due["forced"] else {}),
         }
     )
+    registry.client().set_tag(run_id, "retrain.since_base_version", due.get("since_base_version") or "")
     registry.set_version_tags(name, version, tags)
     registry.describe(
         cfg,

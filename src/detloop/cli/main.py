@@ -39,6 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="versions, aliases, gate results and lineage of the registered model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--history", action="store_true", help="every alias move: who, when, from, to, why")
+    p.add_argument(
+        "--repair",
+        metavar="VERSION",
+        help="put VERSION's kind, decision and gate figure tags back as its records say (training run params, "
+        "gate/decision.json), after someone edited them in the MLflow UI",
+    )
+    p.add_argument(
+        "--add-webhook",
+        metavar="URL",
+        help="register an MLflow registry webhook (alias created/deleted) that sends to URL, e.g. "
+        "http://HOST:PORT/registry-webhook of detloop serve; the secret comes from promote.ui_moves.webhook.secret_env",
+    )
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_registry)
     _add_loop_parsers(sub)

@@ -8,10 +8,21 @@ from detloop.cli.common import compose_args
 
 
 def cmd_registry(args) -> int:
-    from detloop.tracking import registry, runs
+    from detloop.tracking import oversight, records, registry, runs
 
     cfg = compose_args(args)
     runs.setup(cfg)
+    if args.add_webhook:
+        hook = oversight.register_webhook(cfg, args.add_webhook)
+        print(f"webhook {hook['name']} ({hook['id']}): {', '.join(hook['events'])} -> {hook['url']}")
+        return 0
+    if args.repair:
+        changed = records.repair(cfg, args.repair)
+        for key, (old, new) in changed.items():
+            print(f"v{args.repair}: {key} {old!r} -> {new!r}")
+        print(f"v{args.repair}: tags agree with its records" + ("" if changed else " (nothing to repair)"))
+        return 0
+    oversight.watch(cfg)
     if args.history:
         rows = registry.history(cfg)
         if args.json:
@@ -21,6 +32,10 @@ def cmd_registry(args) -> int:
                 print(format_move(r))
         return 0
     rows = registry.versions(cfg)
+    for row in rows:
+        proof = records.evidence(cfg, row["version"], row["tags"])
+        row["trusted"] = {"kind": proof.kind, "decision": proof.decision, "edited": list(proof.edited)}
+    warnings = oversight.warnings(cfg, rows)  # also added to each row's "warnings"
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
     elif not rows:
@@ -28,6 +43,8 @@ def cmd_registry(args) -> int:
     else:
         print(f"registered model {cfg.mlflow.registered_model} @ {runs.tracking_uri(cfg)}")
         print(registry.format_table(rows))
+        for line in warnings:
+            print(f"WARNING: {line}")
     return 0
 
 
@@ -37,6 +54,9 @@ def format_move(move: dict) -> str:
     marks = "".join(
         [
             " [forced]" if move.get("forced") else "",
+            " [outside detloop]" if move.get("external") else "",
+            " [breaks a rule]" if move.get("external") and not move.get("allowed", True) else "",
+            " [refused]" if move.get("refused") else "",
             f" [{move['state']}]" if move.get("state", "done") != "done" else "",
         ]
     )

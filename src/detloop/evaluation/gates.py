@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 
 from detloop.core.errors import BadInput
 
+# the headline figures a gated version carries as tags (the rest are metrics and tags of its run)
 TAG_FIGURES = (
     "gate.regression.drop",
-    "gate.regression.candidate_map50",
     "gate.new_samples.detection_rate",
     "gate.ab.worst_drop",
 )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig
 
 from detloop.core.config import resolve_path
@@ -29,7 +29,7 @@ from detloop.evaluation.gates import TAG_FIGURES, ab_gate, combine, figures, new
 from detloop.evaluation.measure import figure_tags, measure
 from detloop.evaluation.report import per_class_plot, report_markdown
 from detloop.model.pyfunc import model_weights
-from detloop.tracking import registry, runs
+from detloop.tracking import oversight, records, registry, runs
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,19 @@ def reference_version(cfg: DictConfig, candidate: str, alias: str) -> str:
     return holder
 
 
+def trusted_kind(mv) -> str:
+    """A version's kind from its training run's params (the tag can be edited in the MLflow UI)."""
+    if mv.run_id:
+        kind, _ = records.run_kind(registry.client().get_run(mv.run_id).data.params)
+        if kind:
+            return kind
+    return (mv.tags or {}).get("kind", "")
+
+
 def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") -> dict:
     """Evaluate ``candidate`` against the ``alias`` holder, decide, and record the decision in MLflow."""
     runs.setup(cfg)
+    oversight.watch(cfg)  # a move made in the MLflow UI is recorded (and refused if it breaks a rule) first
     name = cfg.mlflow.registered_model
     reference = reference_version(cfg, candidate, alias)
     names = anchor_names(resolve_path(cfg, "anchor"))
@@ -105,7 +115,7 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
     record = {
         "skipped": False,
         "decision": decision,
-        "candidate": {"name": name, "version": candidate, "kind": mv.tags.get("kind", ""), "run_id": mv.run_id},
+        "candidate": {"name": name, "version": candidate, "kind": trusted_kind(mv), "run_id": mv.run_id},
         "production": {"version": reference, "alias": alias},
         "gates": gates,
         "figures": figures(gates, cand, ref),
@@ -119,43 +129,79 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
 
 
 def _record(cfg: DictConfig, record: dict) -> None:
-    """Version tags, metrics and the report on the candidate's run (no alias moves)."""
+    """The gate record, metrics and report in the candidate's run, then the headline version tags.
+
+    ``gate/decision.json`` is logged first: it is the record the rules trust (artifacts cannot be edited
+    in the MLflow UI, tags can; see :mod:`detloop.tracking.records`), and a gate killed before the tags
+    are written leaves tags that disagree with it, which the rules refuse until the gate runs again.
+    The version keeps what people search and compare (decision, Gate 1 drop, Gate 2 rate, reference,
+    anchor-test mAP50); the per-gate decisions, time and the other figures are tags of the run.
+    """
     name, version = cfg.mlflow.registered_model, record["candidate"]["version"]
+    run_id = record["candidate"]["run_id"]
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    if run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "gate"
+            folder.mkdir()
+            (folder / "report.md").write_text(report_markdown(record))
+            (folder / "decision.json").write_text(
+                json.dumps({**record, "time": when}, indent=2, sort_keys=True, default=float)
+            )
+            per_class_plot(record, folder / "per_class.png")
+            client.log_artifacts(run_id, str(folder), artifact_path="gate")
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in record["figures"].items()])
+        # both models' figures under the same names, so the MLflow compare view lines them up
+        reference_run = registry.client().get_model_version(name, record["production"]["version"]).run_id
+        for role, rid in (("candidate", run_id), ("reference", reference_run)):
+            if rid:
+                found = set_metrics(record["measured"][role])
+                client.log_batch(rid, metrics=[Metric(k, v, now, int(version)) for k, v in found.items()])
+        run_tags = {
+            "gate.decision": record["decision"],
+            "gate.reference_version": record["production"]["version"],
+            "gate.reference_alias": record["production"]["alias"],
+            "gate.time": when,
+            **{f"gate.{key}.decision": g["decision"] for key, g in record["gates"].items()},
+            **figure_tags("anchor_test", record["measured"]["candidate"]["anchor_test"]),
+        }
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in run_tags.items()])
     tags = {
         "decision": record["decision"],
         "gate.decision": record["decision"],
         "gate.reference_version": record["production"]["version"],
-        "gate.reference_alias": record["production"]["alias"],
-        "gate.time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "eval.anchor_test.map50": figure_tags("anchor_test", record["measured"]["candidate"]["anchor_test"])[
+            "eval.anchor_test.map50"
+        ],
     }
-    tags.update({f"gate.{key}.decision": g["decision"] for key, g in record["gates"].items()})
     tags.update({key: f"{record['figures'][key]:.4f}" for key in TAG_FIGURES if key in record["figures"]})
-    tags.update(figure_tags("anchor_test", record["measured"]["candidate"]["anchor_test"]))
     registry.set_version_tags(name, version, tags)
     reference = record["production"]["version"]  # measured the same way: one anchor-test mAP50 per version
-    registry.set_version_tags(
-        name, reference, figure_tags("anchor_test", record["measured"]["reference"]["anchor_test"])
-    )
-    run_id = record["candidate"]["run_id"]
-    if not run_id:
-        return
-    client = mlflow.MlflowClient()
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in record["figures"].items()])
-    # both models' figures under the same names, so the MLflow compare view lines them up
-    reference_run = registry.client().get_model_version(name, record["production"]["version"]).run_id
-    for role, rid in (("candidate", run_id), ("reference", reference_run)):
-        if rid:
-            found = set_metrics(record["measured"][role])
-            client.log_batch(rid, metrics=[Metric(k, v, now, int(version)) for k, v in found.items()])
-    client.set_tag(run_id, "gate.decision", record["decision"])
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "gate"
-        folder.mkdir()
-        (folder / "report.md").write_text(report_markdown(record))
-        (folder / "decision.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=float))
-        per_class_plot(record, folder / "per_class.png")
-        client.log_artifacts(run_id, str(folder), artifact_path="gate")
+    ref_figures = figure_tags("anchor_test", record["measured"]["reference"]["anchor_test"])
+    registry.set_version_tags(name, reference, {"eval.anchor_test.map50": ref_figures["eval.anchor_test.map50"]})
+    registry.describe(cfg, version, headline(record))
+
+
+def headline(record: dict) -> str:
+    """The version's description after its gate: kind, decision and the headline figures in one line."""
+    figures, cand = record["figures"], record["candidate"]
+    parts = [
+        f"{cand.get('kind') or 'model'} v{cand['version']}: gate {record['decision'].upper()} "
+        f"vs v{record['production']['version']}"
+    ]
+    if "gate.regression.candidate_map50" in figures:
+        parts.append(
+            f"anchor-test mAP50 {figures['gate.regression.candidate_map50']:.4f} "
+            f"(drop {figures['gate.regression.drop']:.2f})"
+        )
+    if "gate.new_samples.detection_rate" in figures:
+        parts.append(f"new-failure detection {figures['gate.new_samples.detection_rate']:.3f}")
+    if "gate.ab.worst_drop" in figures:
+        parts.append(f"A/B worst class drop {figures['gate.ab.worst_drop']:.2f}")
+    summary = record.get("summary", "").strip()
+    return " · ".join(parts) + (f"\n\n{summary}" if summary else "")
 
 
 def set_metrics(measured: dict) -> dict[str, float]:

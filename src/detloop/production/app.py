@@ -1,5 +1,5 @@
 """``detloop serve``: the Starlette web app (``/invocations``, ``/report``, ``/health``, ``/ping``,
-``/version``) around the service, and ``serve()``, which runs it under uvicorn."""
+``/version``, ``/registry-webhook``) around the service, and ``serve()``, which runs it under uvicorn."""
 
 from __future__ import annotations
 
@@ -46,6 +46,17 @@ def create_app(service: Service):
         content_type, note = request.headers.get("content-type"), request.query_params.get("note")
         return reply(await run_in_threadpool(service.report, body, content_type, note))
 
+    async def registry_webhook(request) -> JSONResponse:
+        from detloop.tracking import oversight
+
+        body, too_large = await read_body(request, service.limits.max_body_bytes)
+        if too_large is not None:
+            return JSONResponse({"error": too_large}, status_code=413)
+        status, answer = await run_in_threadpool(oversight.handle_delivery, service.cfg, dict(request.headers), body)
+        if status == 200 and answer.get("recorded"):
+            await run_in_threadpool(service.watcher.check)  # a refused move is never swapped in
+        return JSONResponse(answer, status_code=status)
+
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
@@ -53,6 +64,7 @@ def create_app(service: Service):
             Route("/version", version, methods=["GET"]),
             Route("/invocations", invocations, methods=["POST"]),
             Route("/report", report, methods=["POST"]),
+            Route("/registry-webhook", registry_webhook, methods=["POST"]),
         ]
     )
 

@@ -1,14 +1,19 @@
 """``detloop monitor``: the figures measured from the prediction log and the failure-report manifests,
-logged to MLflow, and the performance trigger flag; the alert rules are in :mod:`detloop.production.monitor_rules`."""
+their baselines (the monitored version's own and the previous production version's), logged to MLflow
+with a plot over time, and the performance trigger flag; the alert rules are in
+:mod:`detloop.production.monitor_rules`, the fields each image is expected to show in
+:mod:`detloop.production.expected_fields`, the plot in :mod:`detloop.production.monitor_plot`."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -17,14 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 from detloop.core.config import resolve_path
 from detloop.core.errors import BadInput
 from detloop.data.manifest import MANIFEST, read_manifest
-from detloop.production import predlog
+from detloop.production import expected_fields, predlog
 from detloop.production.monitor_rules import (
     DAY,
     WEEK,
     Alert,
+    Comparison,
     Window,
+    bins,
     check,
     check_config,
+    compare,
     iso,
     parse_time,
     reports_per_week,
@@ -80,10 +88,24 @@ def last_version(conn, window: Window) -> str | None:
     return conn.execute(query).scalar_one_or_none()
 
 
+def versions_in(conn, window: Window) -> list[str]:
+    """The versions that answered in the window, in the order they first answered."""
+    c = predlog.predictions.c
+    query = sa.select(c.model_version, sa.func.min(c.ts)).where(scored(window)).group_by(c.model_version)
+    return [v for v, _ in sorted(conn.execute(query).all(), key=lambda row: row[1]) if v is not None]
+
+
 def first_served(conn, version: str) -> float | None:
     """When ``version`` answered its first scored request (epoch seconds), or None."""
     c = predlog.predictions.c
     return conn.execute(sa.select(sa.func.min(c.ts)).where(scored(version=version))).scalar_one_or_none()
+
+
+def last_served(conn, version: str, before: float) -> float | None:
+    """When ``version`` answered its last scored request before ``before``, or None."""
+    c = predlog.predictions.c
+    query = sa.select(sa.func.max(c.ts)).where(scored(version=version), c.ts < before)
+    return conn.execute(query).scalar_one_or_none()
 
 
 def request_counts(conn, window: Window) -> dict[str, int]:
@@ -114,110 +136,286 @@ def report_times(cfg: DictConfig) -> list[float]:
     return sorted(seen.values())
 
 
-def expected_classes(cfg: DictConfig) -> list[str]:
-    """``monitor.expected_classes``, or every class of the anchor data.yaml."""
+def expected_classes(cfg: DictConfig, names: dict[int, str] | None, problems: list[str]) -> list[str]:
+    """``monitor.expected_classes`` (the monitored fields), or every class of the anchor data.yaml."""
     listed = cfg.monitor.expected_classes
     if listed is not None:
-        names = [str(n) for n in listed]
-        if not names or any("|" in n for n in names):
+        fields = [str(n) for n in listed]
+        if not fields or any("|" in n for n in fields):
             raise BadInput("monitor.expected_classes: give class names (without '|'), or null for every anchor class")
-        return names
-    from detloop.data.yolo_format import inspect_data_yaml
-
-    spec, problems = inspect_data_yaml(resolve_path(cfg, "anchor") / "data.yaml")
-    if spec is None:
+        return fields
+    if names is None:
         raise BadInput(
             "monitor.expected_classes is null and the anchor data.yaml is unusable; list the classes "
             "in monitor.expected_classes",
             problems,
         )
-    return [spec.names[i] for i in sorted(spec.names)]
+    return [names[i] for i in sorted(names)]
+
+
+# --------------------------------------------------------------------------- detection rate per field
+
+
+@dataclass
+class FieldCounts:
+    """Scored images, and per field the images expected to show it and those it was detected in."""
+
+    images: int = 0
+    expected: Counter = field(default_factory=Counter)
+    detected: Counter = field(default_factory=Counter)
+    sources: Counter = field(default_factory=Counter)  # images by the source of their expectation
+
+    def __add__(self, other: FieldCounts) -> FieldCounts:
+        return FieldCounts(
+            self.images + other.images,
+            self.expected + other.expected,
+            self.detected + other.detected,
+            self.sources + other.sources,
+        )
+
+    def rates(self, fields: list[str]) -> dict[str, float | None]:
+        return {n: self.detected[n] / self.expected[n] if self.expected[n] else None for n in fields}
+
+
+def field_counts(conn, cond, expect: expected_fields.Expectations) -> FieldCounts:
+    """Per-field counts over the rows matching ``cond``, each image counted for the fields it is expected to show."""
+    c = predlog.predictions.c
+    out = FieldCounts()
+    if not expect.per_image:  # every image expects the same fields: all in SQL
+        fields = [n for n in expect.monitored if n in expect.unlisted]
+        found = [sa.func.coalesce(sa.func.sum(sa.case((predlog.detected(n), 1), else_=0)), 0) for n in fields]
+        images, *hits = conn.execute(sa.select(sa.func.count(), *found).where(cond)).one()
+        out.images = int(images)
+        out.sources["unlisted"] = int(images)
+        for name, n in zip(fields, hits, strict=True):
+            out.expected[name], out.detected[name] = int(images), int(n)
+        return out
+    query = sa.select(c.image_sha256, c.classes, sa.func.count()).where(cond).group_by(c.image_sha256, c.classes)
+    for sha, classes, n in conn.execute(query):
+        fields, source = expect.of(sha)
+        shown = set(classes.strip("|").split("|")) if classes else set()
+        out.images += n
+        out.sources[source] += n
+        for name in fields:
+            out.expected[name] += n
+            out.detected[name] += n if name in shown else 0
+    return out
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def previous_version(cfg: DictConfig, conn, version: str, window: Window) -> tuple[str | None, str, str]:
+    """The previous production version of ``version``: ``(version, how it was found, why none was found)``."""
+    node = cfg.monitor.baseline.previous
+    if node.version is not None:
+        return str(node.version), "monitor.baseline.previous.version", ""
+    tried = []
+    for source in node.find:
+        found, note = (
+            _previous_in_registry(cfg, version, window.until)
+            if source == "registry"
+            else _previous_in_log(conn, version)
+        )
+        if found is not None and found != version:
+            return found, note, ""
+        tried.append(note)
+    return None, "", "; ".join(tried) or "monitor.baseline.previous.find is empty"
+
+
+def _previous_in_registry(cfg: DictConfig, version: str, until: float) -> tuple[str | None, str]:
+    """The ``from_version`` of the audit trail's last move of ``serve.alias`` to ``version`` before ``until``."""
+    from detloop.tracking import registry, runs
+
+    alias = str(cfg.serve.alias)
+    db = predlog.sqlite_path(runs.tracking_uri(cfg))
+    if db is not None and not db.is_file():
+        return None, f"registry: no tracking store at {db}"
+    runs.setup(cfg)
+    moves = [
+        move
+        for move in registry.history(cfg)
+        if move["alias"] == alias
+        and move["state"] == "done"
+        and not move.get("refused")
+        and move["to_version"] == version
+        and (not move.get("time") or parse_time(move["time"], "audit.time") < until)
+    ]
+    if not moves:
+        return None, f"registry: no recorded move of '{alias}' to v{version} before {iso(until)}"
+    previous = moves[-1]["from_version"] or None
+    if previous is None:
+        return None, f"registry: v{version} was the first holder of '{alias}'"
+    return previous, f"registry audit trail: '{alias}' moved from v{previous} to v{version} on {moves[-1]['time']}"
+
+
+def _previous_in_log(conn, version: str) -> tuple[str | None, str]:
+    """The version that answered last before ``version`` first answered."""
+    c = predlog.predictions.c
+    start = first_served(conn, version)
+    if start is None:
+        return None, f"log: v{version} never answered"
+    query = (
+        sa.select(c.model_version)
+        .where(scored(), c.ts < start, c.model_version != version)
+        .order_by(c.ts.desc(), c.id.desc())
+        .limit(1)
+    )
+    found = conn.execute(query).scalar_one_or_none()
+    if found is None:
+        return None, f"log: nothing answered before v{version} first did ({iso(start)})"
+    return str(found), f"prediction log: v{found} answered before v{version} first did ({iso(start)})"
+
+
+def baseline_of(conn, cfg: DictConfig, version: str, period: str, until: float) -> dict:
+    """A version's baseline period (``first`` N days it served, or its ``last`` N days before ``until``)."""
+    days = float(cfg.monitor.baseline.days) * DAY
+    out = {"version": version, "period": f"{period} {cfg.monitor.baseline.days:g} days it served", "images": 0}
+    out.update(since=None, until=None, confidence=None, latency_ms=None)
+    if period == "first":
+        start = first_served(conn, version)
+        span = None if start is None else Window(start, start + days)
+    else:
+        end = last_served(conn, version, until)
+        span = None if end is None else Window(end - days, math.nextafter(end, math.inf))
+    if span is None:
+        out["missing"] = f"v{version} has no scored images in the prediction log"
+        return out
+    stats = image_stats(conn, scored(span, version), [])
+    out.update(
+        since=iso(span.since),
+        until=iso(span.until),
+        images=stats["images"],
+        confidence=stats["confidence"],
+        latency_ms=latency_quantile(conn, scored(span, version), float(cfg.monitor.latency.quantile)),
+    )
+    return out
+
+
+def baselines(cfg: DictConfig, conn, version: str | None, window: Window) -> dict[str, dict]:
+    """The own and the previous production version's baseline (fixed values from monitor.baseline on own)."""
+    m = cfg.monitor
+    empty = {"version": None, "images": 0, "confidence": None, "latency_ms": None, "since": None, "until": None}
+    own = {**empty, "missing": "no scored images in the window"}
+    previous = {**empty, "missing": "no scored images in the window"}
+    if version is not None:
+        own = {**baseline_of(conn, cfg, version, "first", window.until), "found_by": "the monitored version"}
+        if "previous" in set(m.confidence.baselines) | set(m.latency.baselines):
+            found, how, why = previous_version(cfg, conn, version, window)
+            previous = {**empty, "missing": f"no previous production version ({why})"}
+            if found is not None:
+                previous = {**baseline_of(conn, cfg, found, str(m.baseline.previous.period), window.until)}
+                previous["found_by"] = how
+        else:
+            previous["missing"] = "not compared (monitor.confidence.baselines, monitor.latency.baselines)"
+    for key in ("confidence", "latency_ms"):
+        own[f"{key}_source"] = "log"
+        previous[f"{key}_source"] = "log"
+        if m.baseline[key] is not None:
+            own[key] = float(m.baseline[key])
+            own[f"{key}_source"] = f"monitor.baseline.{key}"
+    return {"own": own, "previous": previous}
+
+
+# --------------------------------------------------------------------------- the window, over time
+
+
+def series(
+    conn, cfg: DictConfig, window: Window, cuts: list[Window], expect: expected_fields.Expectations
+) -> tuple[dict, FieldCounts]:
+    """The figures per bin (``cuts`` of the window), and the per-field counts of the whole window."""
+    q = float(cfg.monitor.latency.quantile)
+    counts = [field_counts(conn, scored(cut), expect) for cut in cuts]
+    versions = versions_in(conn, window)
+    confidence: dict[str, list] = {v: [] for v in versions}
+    latency: dict[str, list] = {v: [] for v in versions}
+    for cut in cuts:
+        for v in versions:
+            confidence[v].append(image_stats(conn, scored(cut, v), [])["confidence"])
+            latency[v].append(latency_quantile(conn, scored(cut, v), q))
+    fields = list(expect.monitored)
+    out = {
+        "since": [iso(cut.since) for cut in cuts],
+        "hours": (cuts[0].until - cuts[0].since) / 3600.0 if cuts else 0.0,
+        "images": [n.images for n in counts],
+        "detection_rate": {name: [n.rates(fields)[name] for n in counts] for name in fields},
+        "expected_images": {name: [n.expected[name] for n in counts] for name in fields},
+        "confidence": confidence,
+        "latency_ms": latency,
+    }
+    return out, sum(counts, FieldCounts())
 
 
 def measure(cfg: DictConfig, log_store: predlog.PredictionLog, window: Window) -> dict:
-    """Every monitored figure for the window, with its baseline (no decisions)."""
+    """Every monitored figure for the window, with its baselines and its series over time (no decisions)."""
     m = cfg.monitor
-    classes = expected_classes(cfg)
-    q = float(m.latency.quantile)
+    names, problems = expected_fields.anchor_names(cfg)
+    classes = expected_classes(cfg, names, problems)
+    expect = expected_fields.load(cfg, classes, names)
+    cuts = bins(window, float(m.mlflow.plot_bin_hours))
     with log_store.engine.connect() as conn:
-        stats = image_stats(conn, scored(window), classes)
+        over_time, total = series(conn, cfg, window, cuts, expect)
+        overall = image_stats(conn, scored(window), [])
         version = str(m.baseline.version) if m.baseline.version is not None else last_version(conn, window)
         current = {"images": 0, "confidence": None, "latency_ms": None}
-        baseline: dict = {
-            "version": version,
-            "since": None,
-            "until": None,
-            "images": 0,
-            "confidence": None,
-            "latency_ms": None,
-        }
         if version is not None:
             current = image_stats(conn, scored(window, version), [])
-            current["latency_ms"] = latency_quantile(conn, scored(window, version), q)
-            start = first_served(conn, version)
-            if start is not None:
-                period = Window(start, start + float(m.baseline.days) * DAY)
-                base = image_stats(conn, scored(period, version), [])
-                baseline.update(
-                    since=iso(period.since),
-                    until=iso(period.until),
-                    images=base["images"],
-                    confidence=base["confidence"],
-                    latency_ms=latency_quantile(conn, scored(period, version), q),
-                )
+            current["latency_ms"] = latency_quantile(conn, scored(window, version), float(m.latency.quantile))
+        compared_with = baselines(cfg, conn, version, window)
         counts = request_counts(conn, window)
-    for key, fixed in (("confidence", m.baseline.confidence), ("latency_ms", m.baseline.latency_ms)):
-        if fixed is not None:
-            baseline[key] = float(fixed)
-            baseline[f"{key}_source"] = f"monitor.baseline.{key}"
-    weeks = int(m.reports.rising_weeks) + 1
+    times = report_times(cfg)
+    over_time["reports"] = [sum(1 for t in times if cut.since <= t < cut.until) for cut in cuts]
     return {
         "window": {"since": iso(window.since), "until": iso(window.until)},
-        "latency_quantile": q,
+        "latency_quantile": float(m.latency.quantile),
         "expected_classes": classes,
-        "images": stats["images"],
-        "detections": stats["detections"],
-        "confidence": stats["confidence"],
-        "detection_rate": stats["detection_rate"],
+        "images": overall["images"],
+        "detections": overall["detections"],
+        "confidence": overall["confidence"],
+        "detection_rate": total.rates(classes),
+        "expected_images": {n: total.expected[n] for n in classes},
+        "detected_images": {n: total.detected[n] for n in classes},
+        "expectation_sources": {s: total.sources[s] for s in expected_fields.SOURCES},
+        "unlisted_fields": sorted(expect.unlisted),
         "version": version,
         "version_images": current["images"],
         "version_confidence": current["confidence"],
         "latency_ms": current["latency_ms"],
-        "baseline": baseline,
-        "reports_per_week": reports_per_week(report_times(cfg), window.until, weeks),
+        "baselines": compared_with,
+        "reports_per_week": reports_per_week(times, window.until, int(m.reports.rising_weeks) + 1),
+        "series": over_time,
         **counts,
     }
 
 
-def metrics_of(found: dict) -> dict[str, float]:
-    """The figures as flat MLflow metric names (missing values left out)."""
+def metrics_of(found: dict, comparisons: list[Comparison]) -> dict[str, float]:
+    """The figures as flat MLflow metric names (missing and non-finite values left out)."""
     from detloop.tracking.runs import metric_name
 
-    base = found["baseline"]
     values = {
         "images": found["images"],
         "detections": found["detections"],
         "confidence": found["confidence"],
         "version_images": found["version_images"],
         "confidence/version": found["version_confidence"],
-        "confidence/baseline": base["confidence"],
         "latency_ms": found["latency_ms"],
-        "latency_ms/baseline": base["latency_ms"],
-        "baseline/images": base["images"],
         "reports/last_week": found["reports_per_week"][-1],
         "requests/refused": found["refused_requests"],
         "reports/received": found["reports_received"],
         **{f"detection_rate/{name}": rate for name, rate in found["detection_rate"].items()},
+        **{f"expected_images/{name}": n for name, n in found["expected_images"].items()},
     }
-    if base["confidence"] and found["version_confidence"] is not None:
-        values["confidence/drop"] = (base["confidence"] - found["version_confidence"]) / base["confidence"]
-    if base["latency_ms"] and found["latency_ms"] is not None:
-        values["latency/ratio"] = found["latency_ms"] / base["latency_ms"]
-    return {metric_name(k): float(v) for k, v in values.items() if v is not None}
+    for kind, base in found["baselines"].items():
+        values[f"confidence/baseline/{kind}"] = base["confidence"]
+        values[f"latency_ms/baseline/{kind}"] = base["latency_ms"]
+        values[f"baseline/{kind}/images"] = base["images"]
+    values.update({c.metric: c.figure for c in comparisons})
+    return {metric_name(k): float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
 
 
 def log_to_mlflow(cfg: DictConfig, result: dict, window: Window) -> str:
-    """One run in ``monitor.mlflow.experiment``: metrics at the window's end, alerts as tags, monitor.json."""
+    """One run in ``monitor.mlflow.experiment``: metrics at the window's end, alerts as tags, monitor.json and
+    monitor.png (the figures across the window with the alert thresholds)."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
@@ -239,6 +437,7 @@ def log_to_mlflow(cfg: DictConfig, result: dict, window: Window) -> str:
         RunTag("monitor.since", result["window"]["since"]),
         RunTag("monitor.until", result["window"]["until"]),
         RunTag("monitor.version", str(result["version"])),
+        RunTag("monitor.previous_version", str(result["baselines"]["previous"]["version"])),
         RunTag("monitor.alerts", "; ".join(a["message"] for a in alerts)[:5000] or "none"),
     ]
     client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)
@@ -246,8 +445,22 @@ def log_to_mlflow(cfg: DictConfig, result: dict, window: Window) -> str:
         path = Path(tmp) / "monitor.json"
         path.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
         client.log_artifact(run.info.run_id, str(path))
+        _log_plot(cfg, client, run.info.run_id, result, Path(tmp) / "monitor.png")
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def _log_plot(cfg: DictConfig, client, run_id: str, result: dict, path: Path) -> None:
+    """monitor.png into the run; a plot that fails is a warning and a run tag, never a lost alert."""
+    from detloop.production.monitor_plot import draw
+
+    try:
+        draw(cfg, result, path)
+    except Exception as err:  # noqa: BLE001  (the alerts above are logged already; the picture is extra)
+        log.warning("monitor.png not drawn: %s", err, exc_info=True)
+        client.set_tag(run_id, "monitor.plot", f"failed: {err}"[:5000])
+        return
+    client.log_artifact(run_id, str(path))
 
 
 def _flat(node: dict, prefix: str = "monitor.") -> dict:
@@ -294,7 +507,8 @@ def run(
 ) -> dict:
     """Measure the window, decide the alerts, log to MLflow and raise the trigger when asked.
 
-    Returns ``{window, metrics, alerts, skipped, trigger, mlflow_run_id, ...}`` (JSON-ready).
+    Returns ``{window, detection_rate, baselines, comparisons, series, metrics, alerts, skipped, trigger,
+    mlflow_run_id, ...}`` (JSON-ready).
     """
     check_config(cfg)
     owned = log_store is None
@@ -306,11 +520,13 @@ def run(
         if owned:
             store.close()
     alerts, skipped = check(cfg, found)
+    comparisons, _ = compare(cfg, found)
     result = {
         **found,
+        "comparisons": [{**asdict(c), "metric": c.metric} for c in comparisons],
         "alerts": [asdict(a) for a in alerts],
         "skipped": skipped,
-        "metrics": metrics_of(found),
+        "metrics": metrics_of(found, comparisons),
         "predlog": predlog.shown_uri(store.uri),
         "seconds": time.perf_counter() - started,
         "trigger": None,

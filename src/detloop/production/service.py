@@ -273,9 +273,16 @@ def refuse_body(service: Service, message: str, endpoint: str) -> Answer:
 
 def build_service(cfg: DictConfig) -> Service:
     """Set up MLflow, load the alias holder, open the prediction log (BadInput when nothing is served)."""
-    from detloop.tracking import runs
+    from detloop.tracking import oversight, runs
 
     runs.setup(cfg)
-    watcher = ModelWatcher(cfg.mlflow.registered_model, str(cfg.serve.alias), float(cfg.serve.poll_seconds))
+    alias = str(cfg.serve.alias)
+    watcher = ModelWatcher(
+        cfg.mlflow.registered_model,
+        alias,
+        float(cfg.serve.poll_seconds),
+        oversee=lambda: oversight.watch(cfg, (alias,), seen_by="serve"),
+        may_serve=lambda version: oversight.may_serve(cfg, alias, version),
+    )
     watcher.load()
     return Service(cfg, watcher, predlog.open_log(cfg))

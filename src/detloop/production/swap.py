@@ -56,10 +56,20 @@ class ModelWatcher:
     """Serves the holder of ``alias``: polls it and swaps a newly promoted (or rolled back) version in."""
 
     def __init__(
-        self, name: str, alias: str, poll_seconds: float, loader: Callable[[str, str], ServedModel] = load_version
+        self,
+        name: str,
+        alias: str,
+        poll_seconds: float,
+        loader: Callable[[str, str], ServedModel] = load_version,
+        *,
+        oversee: Callable[[], object] | None = None,
+        may_serve: Callable[[str], tuple[bool, str]] | None = None,
     ):
+        """``oversee`` runs before each lookup (records alias moves made outside detloop, applies the policy);
+        ``may_serve(version)`` says whether a new holder may be swapped in (``(False, why)``: keep serving)."""
         self.name, self.alias, self.poll_seconds = name, alias, float(poll_seconds)
         self.loader = loader
+        self.oversee, self.may_serve = oversee, may_serve
         self.state = WatchState()
         self._current: ServedModel | None = None
         self._stop = threading.Event()
@@ -79,6 +89,8 @@ class ModelWatcher:
 
     def load(self) -> ServedModel:
         """Load the alias holder at start; BadInput (exit 2) when no version holds the alias."""
+        if self.oversee is not None:
+            self.oversee()
         version = self.holder()
         if version is None:
             raise BadInput(
@@ -95,6 +107,8 @@ class ModelWatcher:
     def check(self) -> bool:
         """Look up the alias once; load and swap in a new holder. True when the served version changed."""
         try:
+            if self.oversee is not None:
+                self.oversee()
             version = self.holder()
         except Exception as err:  # registry unreachable: keep serving what is loaded
             self.state.error = f"alias lookup failed: {err}"
@@ -110,6 +124,12 @@ class ModelWatcher:
         if version == self.current.version:
             self.state.error, self.state.failed_version = None, None
             return False
+        if self.may_serve is not None:
+            allowed, why = self.may_serve(version)
+            if not allowed:
+                self.state.error = f"not swapping to v{version}: {why}; still serving v{self.current.version}"
+                log.warning("%s", self.state.error)
+                return False
         try:
             loaded = self.loader(self.name, version)
         except Exception as err:  # a broken version must not take the server down

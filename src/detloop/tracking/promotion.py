@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from detloop.core.errors import BadInput
-from detloop.tracking import registry
+from detloop.tracking import oversight, records, registry
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +49,18 @@ def version_tags(cfg: DictConfig, version: str) -> dict[str, str]:
 
 def last_move_to(cfg: DictConfig, alias: str, version: str) -> dict | None:
     """The newest recorded move (that happened) giving ``alias`` to ``version``, or None."""
-    moves = [m for m in registry.history(cfg) if m["state"] == "done" and m["alias"] == alias]
+    moves = [m for m in registry.history(cfg) if m["state"] == "done" and m["alias"] == alias and not m["refused"]]
     return next((m for m in reversed(moves) if m["to_version"] == str(version)), None)
 
 
-def gate_figures(tags: dict[str, str]) -> dict[str, float]:
-    """The numeric gate figures among a version's tags (``gate.*``), for the audit run."""
+def gate_figures(tags: dict) -> dict[str, float]:
+    """The numeric gate figures (``gate.*``, per-class ones left out) of a gate record, for the audit run."""
     out = {}
     for key, value in tags.items():
         if key.startswith("gate.") and ".per_class." not in key:
             try:
                 out[key] = float(value)
-            except ValueError:
+            except (TypeError, ValueError):
                 continue
     return out
 
@@ -92,15 +92,21 @@ def promote_version(
         raise BadInput(f"unknown alias {alias!r}", [f"--alias: one of {', '.join(registry.ALIASES)}"])
     name, version = cfg.mlflow.registered_model, str(version).strip()
     tags = version_tags(cfg, version)
-    kind, gated = tags.get("kind", ""), tags.get("gate.decision")
+    oversight.watch(cfg)
+    proof = trusted(cfg, version, tags)
+    kind, gated = proof.kind or "", proof.decision
     if alias == "base" and kind != "base":
         raise BadInput(
             f"version {version} is kind={kind or '?'}: only a base model can take 'base'",
-            ["fine-tunes always start from a base model; they are never chained (tag kind)"],
+            ["fine-tunes always start from a base model; they are never chained (kind from the training run's params)"],
         )
     needs_force = gated is None or gated == "reject"
     if needs_force and not force:
-        problem = "has no gate record (tag gate.decision)" if gated is None else "was rejected (gate.decision=reject)"
+        problem = (
+            f"has no gate record ({records.GATE_RECORD} in its run)"
+            if gated is None
+            else "was rejected (gate.decision=reject in its gate record)"
+        )
         hints = [f"gate it first, or pass --force to override (recorded as forced on v{version})"]
         if alias == "production" and last_move_to(cfg, "production", version):
             hints.append(f"it served in production before: detloop rollback --to {version}")
@@ -113,7 +119,7 @@ def promote_version(
         log.warning(
             "v%s is a base model: its gate compared it with base v%s, not with production v%s",
             version,
-            tags.get("gate.reference_version", "?"),
+            proof.reference or "?",
             holder or "-",
         )
     forced = force and needs_force
@@ -125,12 +131,34 @@ def promote_version(
     registry.set_version_tags(name, version, new_tags)
     audit = {"audit.kind": kind, "audit.gate_decision": gated or "", **({"audit.forced": "true"} if forced else {})}
     previous = registry.move_alias(
-        cfg, alias, version, why=reason, who=reviewer, decision="promote", figures=gate_figures(tags), tags=audit
+        cfg,
+        alias,
+        version,
+        why=reason,
+        who=reviewer,
+        decision="promote",
+        figures=gate_figures(proof.figures),
+        tags=audit,
     )
     if alias == "production":
         took_production(cfg, version)
         clear_staging_of(cfg, version, who=reviewer, why=reason, decision="promote")
     return {"alias": alias, "from": previous, "to": version, "moved": True, "forced": forced}
+
+
+def trusted(cfg: DictConfig, version: str, tags: dict) -> records.Evidence:
+    """The version's trusted kind and gate decision; BadInput when its tags were edited in the UI."""
+    proof = records.evidence(cfg, version, tags)
+    if proof.tampered:
+        raise BadInput(
+            f"version {version}'s tags were edited outside detloop: {proof.explain()}",
+            [
+                f"the rules read the training run's params and the gate record (run {proof.run_id}, "
+                f"{records.GATE_RECORD}), not the tags",
+                f"put the tags back as the records say (detloop registry --repair {version}) or gate it again",
+            ],
+        )
+    return proof
 
 
 def previous_production(moves: list[dict], current: str) -> str | None:
@@ -140,7 +168,9 @@ def previous_production(moves: list[dict], current: str) -> str | None:
     goes further back (v3 -> v2 -> v1) because the move that gave v2 its production is the one before.
     """
     for move in reversed(moves):
-        if move["to_version"] == current and move["decision"] != "rollback":
+        if move["decision"] in ("rollback", oversight.REVERT) or move.get("refused"):
+            continue  # walking back never returns to where a rollback or a refused move came from
+        if move["to_version"] == current:
             return move["from_version"] or None
     return None
 
@@ -154,11 +184,14 @@ def rollback(cfg: DictConfig, *, to: str | None = None, reviewer: str | None = N
     name = cfg.mlflow.registered_model
     reviewer = (reviewer or "").strip() or getpass.getuser()
     reason = (reason or "").strip() or "rollback (no reason given)"
+    oversight.watch(cfg)
     registry.reconcile(cfg, "production")
     current = registry.alias_holder(name, "production")
     if current is None:
         raise BadInput(f"no version of {name} holds 'production': nothing to roll back")
-    moves = [m for m in registry.history(cfg) if m["alias"] == "production" and m["state"] == "done"]
+    moves = [
+        m for m in registry.history(cfg) if m["alias"] == "production" and m["state"] == "done" and not m["refused"]
+    ]
     if to is None:
         target = previous_production(moves, current)
         if target is None:
@@ -251,11 +284,12 @@ def apply_decision(cfg: DictConfig, gate: GateDecision) -> dict:
     """Move the alias the decision gives the candidate (once); returns what was decided and moved."""
     name, version = gate.name, gate.version
     tags = version_tags(cfg, version)
-    tagged = tags.get("gate.decision")
-    if tagged != gate.decision:
+    oversight.watch(cfg)
+    recorded = trusted(cfg, version, tags).decision
+    if recorded != gate.decision:
         raise BadInput(
-            f"version {version}: the gate decision file says {gate.decision!r}, the version's tag gate.decision is "
-            f"{tagged!r}",
+            f"version {version}: the gate decision file says {gate.decision!r}, the gate record in its run says "
+            f"{recorded!r}",
             ["the decision file is stale or the gate did not finish: run the gate again"],
         )
     alias = target_alias(cfg, gate)

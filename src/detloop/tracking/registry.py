@@ -205,6 +205,19 @@ def reconcile(cfg: DictConfig, alias: str) -> None:
         log.warning("interrupted alias move %s (%s): %s", run.info.run_id, note, "done" if moved else "not done")
 
 
+def move_in_flight(cfg: DictConfig, alias: str, settle_seconds: float) -> bool:
+    """True while an audit run of ``alias`` opened less than ``settle_seconds`` ago is still RUNNING."""
+    exp_id = audit_experiment_id(cfg, create=False)
+    if exp_id is None:
+        return False
+    since = int((datetime.now(UTC).timestamp() - settle_seconds) * 1000)
+    query = (
+        f"tags.`audit.model` = '{cfg.mlflow.registered_model}' and tags.`audit.alias` = '{alias}' "
+        f"and attributes.status = 'RUNNING' and attributes.start_time > {since}"
+    )
+    return bool(client().search_runs([exp_id], filter_string=query, max_results=1))
+
+
 STATES = {"FINISHED": "done", "FAILED": "interrupted", "KILLED": "interrupted", "RUNNING": "pending"}
 
 
@@ -228,6 +241,10 @@ def history(cfg: DictConfig) -> list[dict]:
         {
             **{k: r.data.tags.get(f"audit.{k}", "") for k in keys},
             "forced": r.data.tags.get("audit.forced", "") == "true",
+            "external": r.data.tags.get("audit.external", "") == "true",
+            "allowed": r.data.tags.get("audit.allowed", "true") == "true",
+            "refused": r.data.tags.get("audit.refused", "") == "true",
+            "gate_status": r.data.tags.get("audit.gate_status", ""),
             "state": STATES.get(r.info.status, r.info.status.lower()),
         }
         for r in runs
@@ -310,7 +327,7 @@ def format_table(rows: list[dict]) -> str:
                 ",".join(row["aliases"]) or "-",
                 tags.get("kind", "-"),
                 tags.get("base_version", "-"),
-                _decision(tags),
+                _decision(tags) + (" (tags edited!)" if row.get("trusted", {}).get("edited") else ""),
                 _number(tags.get(GATE1_DROP), 2),
                 _number(tags.get(GATE2_RATE), 3),
                 tags.get("eval.anchor_test.map50", "-"),

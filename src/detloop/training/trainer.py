@@ -14,7 +14,7 @@ from detloop.core.errors import BadInput
 from detloop.core.stage import stage_dir, write_json
 from detloop.model.pyfunc import log_detector
 from detloop.model.yolo import load_model
-from detloop.tracking import registry, runs
+from detloop.tracking import oversight, records, registry, runs
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def train_and_register(
         if tags:
             mlflow.set_tags(tags)
         mlflow.log_params(runs.flat_params(cfg, param_groups))
-        mlflow.log_params(params)
+        # the version's kind as an immutable record (a version tag can be edited in the MLflow UI)
+        mlflow.log_params({**params, records.KIND_PARAM: "finetune" if stage == "finetune" else "base"})
         for artifact_path, folder in (artifacts or {}).items():
             mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
         runs.EpochLogger().attach(model)
@@ -104,13 +105,22 @@ def starting_version(cfg: DictConfig) -> str:
     version = str(pinned) if pinned is not None else registry.alias_holder(name, "base")
     if version is None:
         raise BadInput(f"no version of {name} holds the alias 'base'", ["run the base stage first (dvc repro base)"])
-    kind = registry.client().get_model_version(name, version).tags.get("kind")
-    if kind != "base":
+    oversight.watch(cfg)  # a `base` moved in the MLflow UI is recorded (and put back if it breaks the rule)
+    if pinned is None:
+        version = registry.alias_holder(name, "base") or version
+    proof = records.evidence(cfg, version)
+    if proof.kind != "base":
         raise BadInput(
-            f"refusing to fine-tune from version {version} (kind={kind}): never chain fine-tunes",
+            f"refusing to fine-tune from version {version} (kind={proof.kind}, from its training run's params): "
+            "never chain fine-tunes",
             [
                 f"finetune.base_version={pinned}: fine-tunes always start from a base model; "
                 "leave it null to use the 'base' alias"
             ],
+        )
+    if proof.tampered:
+        raise BadInput(
+            f"refusing to fine-tune from version {version}: its tags were edited outside detloop: {proof.explain()}",
+            [f"put the tags back as the records say: detloop registry --repair {version}"],
         )
     return version
