@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -134,10 +135,8 @@ def log_gate_record(cfg, version: str, run_id: str, tags: dict) -> None:
     figures = {}
     for key, value in tags.items():
         if key.startswith("gate.") and key not in ("gate.decision", "gate.time", "gate.reference_version"):
-            try:
+            with contextlib.suppress(ValueError):
                 figures[key] = float(value)
-            except ValueError:
-                pass
     record = {
         "skipped": False,
         "decision": tags["gate.decision"],

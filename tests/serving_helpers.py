@@ -55,21 +55,23 @@ def detector_weights(path: Path, names: list[str], hot_class: int) -> Path:
 def register_detector(cfg, weights: Path, *, imgsz: int = 64, conf: float = 0.25, tags: dict | None = None) -> str:
     """Log ``weights`` as the detloop pyfunc in a run and register it (a real MLflow model); returns the version."""
     import mlflow
+    from tests.conftest import log_gate_record
 
     from detloop.model.pyfunc import log_detector
     from detloop.tracking import registry, runs
 
+    tags = {"kind": "base", "decision": "pass", "gate.decision": "pass", **(tags or {})}
+    tags = {k: v for k, v in tags.items() if v is not None}  # None: leave the tag (and its record) out
     experiment_id = runs.setup(cfg)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"test-{weights.stem}"):
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"test-{weights.stem}") as run:
+        mlflow.log_param("kind", tags["kind"])  # the training run's record, as the training stages log it
         info = log_detector(
             weights, {"conf": conf, "iou": 0.7, "imgsz": imgsz}, registered_model_name=cfg.mlflow.registered_model
         )
     version = str(info.registered_model_version)
-    registry.set_version_tags(
-        cfg.mlflow.registered_model,
-        version,
-        {"kind": "base", "decision": "pass", "gate.decision": "pass", **(tags or {})},
-    )
+    if "gate.decision" in tags:
+        log_gate_record(cfg, version, run.info.run_id, tags)
+    registry.set_version_tags(cfg.mlflow.registered_model, version, tags)
     return version
 
 

@@ -49,7 +49,8 @@ def lineage_key(cfg: DictConfig, anchor: Path) -> dict:
 def _tag_and_alias(cfg: DictConfig, version: str, run_id: str, anchor: Path) -> None:
     """Version tags (kind, lineage) and aliases: ``base``; ``production`` too if nobody holds it."""
     name = cfg.mlflow.registered_model
-    tags = {k: v for k, v in runs.lineage_tags(cfg, STAGE).items() if k != "stage"}
+    tags = {"kind": "base"}  # first: the MLflow UI lists a version's tags in the order they were set
+    tags.update({k: v for k, v in runs.lineage_tags(cfg, STAGE).items() if k != "stage"})
     tags.update(
         {
             "kind": "base",

@@ -119,7 +119,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _tag(cfg: DictConfig, version: str, run_id: str, base_version: str, mix: dict) -> None:
-    tags = {k: v for k, v in runs.lineage_tags(cfg, STAGE).items() if k != "stage"}
+    tags = {"kind": "finetune"}  # first: the MLflow UI lists a version's tags in the order they were set
+    tags.update({k: v for k, v in runs.lineage_tags(cfg, STAGE).items() if k != "stage"})
     tags.update(
         {
             "kind": "finetune",

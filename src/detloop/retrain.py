@@ -81,7 +81,8 @@ def run(cfg: DictConfig) -> dict:
 
 def _tag(cfg: DictConfig, trained: dict, due: dict, counts: dict, anchor: Path, pool_sha: str) -> None:
     name, version, run_id = cfg.mlflow.registered_model, trained["version"], trained["run_id"]
-    tags = {k: v for k, v in runs.lineage_tags(cfg, STAGE).items() if k != "stage"}
+    tags = {"kind": "base"}  # first: the MLflow UI lists a version's tags in the order they were set
+    tags.update({k: v for k, v in runs.lineage_tags(cfg, STAGE).items() if k != "stage"})
     tags.update(
         {
             "kind": "base",

@@ -132,3 +132,26 @@ def test_the_compare_view_lines_up_base_and_fine_tune(project, ui, tmp_path):
     assert "base" in dom and "finetune from v1" in dom
     # the metrics table (virtualised: its first rows) lines up the two runs' training figures
     assert "final/metrics/mAP50B" in dom and "Run details" in dom and "Parameters" in dom
+
+
+def test_a_version_page_reads_at_a_glance(project, ui, tmp_path):
+    """Kind, decision and the headline gate figures are in the first screen; the version carries few tags."""
+    cfg, _ = project
+    tags = mlflow.MlflowClient().get_model_version(cfg.mlflow.registered_model, "2").tags
+    assert len(tags) <= 16, sorted(tags)
+    assert {
+        "kind",
+        "decision",
+        "gate.regression.drop",
+        "gate.new_samples.detection_rate",
+        "lineage.data_dvc_md5",
+    } <= set(tags)
+    png = tmp_path / "version.png"
+    dom = render(f"{ui}/#/models/{cfg.mlflow.registered_model}/versions/2", png, "1400,900", tmp_path / "profile")
+    print(f"screenshot: {png}")
+    assert_not_blank(png)
+    decision = tags["decision"].upper()
+    headline = f"finetune v2: gate {decision} vs v1"
+    assert headline in dom, "the description's first line names kind and decision"
+    assert "anchor-test mAP50" in dom and "new-failure detection" in dom
+    assert dom.index(headline) < dom.index("gate.regression.drop"), "the headline comes before the tags"

@@ -52,9 +52,17 @@ def create_app(service: Service):
         body, too_large = await read_body(request, service.limits.max_body_bytes)
         if too_large is not None:
             return JSONResponse({"error": too_large}, status_code=413)
-        status, answer = await run_in_threadpool(oversight.handle_delivery, service.cfg, dict(request.headers), body)
-        if status == 200 and answer.get("recorded"):
-            await run_in_threadpool(service.watcher.check)  # a refused move is never swapped in
+        try:
+            status, answer = await run_in_threadpool(
+                oversight.handle_delivery, service.cfg, dict(request.headers), body
+            )
+            if status == 200 and answer.get("alias") == service.watcher.alias:
+                await run_in_threadpool(
+                    service.watcher.check
+                )  # swap now, not at the next poll (never to a refused one)
+        except Exception as err:  # the registry is unreachable: MLflow retries the delivery, the poll still runs
+            log.exception("registry webhook failed")
+            return JSONResponse({"error": f"{type(err).__name__}: {err}"}, status_code=503)
         return JSONResponse(answer, status_code=status)
 
     return Starlette(

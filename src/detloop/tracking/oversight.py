@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 from datetime import UTC, datetime
 
@@ -239,6 +240,7 @@ def handle_delivery(cfg: DictConfig, headers: dict, body: bytes) -> tuple[int, d
         return 401, {"error": str(err)}
     event = f"{payload.get('entity')}.{payload.get('action')}"
     data = payload.get("data") or {}
+    log.info("registry webhook %s: %s %s v%s", payload["delivery_id"], event, data.get("alias"), data.get("version"))
     if event not in ALIAS_EVENTS or data.get("name") != cfg.mlflow.registered_model:
         return 200, {"ignored": event}
     alias = data.get("alias")
@@ -257,7 +259,8 @@ def register_webhook(cfg: DictConfig, url: str) -> dict:
     if secret is None:
         raise BadInput(f"{env} is not set", [f"export {env}=<a long random secret>; serve needs the same value"])
     c = registry.client()
-    name = f"detloop:{cfg.mlflow.registered_model}"
+    # MLflow: letters, digits, '.', '_', '-'; starts and ends with a letter or digit; under 63 characters
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", f"detloop-{cfg.mlflow.registered_model}")[:62].rstrip("._-")
     try:
         existing = [w for w in c.list_webhooks() if w.name == name]
         if existing:

@@ -81,11 +81,11 @@ def run_kind(params: dict[str, str]) -> tuple[str | None, str | None]:
 
 def gate_record(run_id: str) -> dict | None:
     """The gate's decision record logged in ``run_id`` (None when the version was never gated)."""
+    folder = GATE_RECORD.rsplit("/", 1)[0]
+    if GATE_RECORD not in {f.path for f in registry.client().list_artifacts(run_id, folder)}:
+        return None  # listed first: a missing artifact is an error of a different type on every store
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = registry.client().download_artifacts(run_id, GATE_RECORD, tmp)
-        except (MlflowException, OSError):
-            return None
+        path = registry.client().download_artifacts(run_id, GATE_RECORD, tmp)
         try:
             return json.loads(Path(path).read_text())
         except (OSError, ValueError):

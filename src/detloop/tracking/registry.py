@@ -40,10 +40,12 @@ def alias_holder(name: str, alias: str) -> str | None:
 MODEL_DESCRIPTION = (
     "The detloop detector. Aliases: `base` = the model every fine-tune starts from; "
     "`production` = the served model; `staging` = a candidate waiting for human review. "
-    "Version tags: `kind` (base|finetune), `decision` (pass|review|reject|bootstrap), gate figures (`gate.*`), "
+    "Each version's description opens with its kind, gate decision and headline figures. Version tags: `kind` "
+    "(base|finetune), `decision` (pass|review|reject|bootstrap), the headline gate figures (`gate.*`), "
     "`rollback_to` (the production version it replaced), `rolled_back`, `promoted_by`, `promote_reason` and "
-    "`lineage.*` (git commit, data.dvc md5, config hash, run id). Every alias move (who, when, why) is a run "
-    "in the experiment `{audit}`."
+    "`lineage.*` (git commit, data.dvc md5, config hash, run id). The rules trust the gate record "
+    "(`gate/decision.json` in the version's run) and the training run's params, not the tags. Every alias move "
+    "(who, when, why), also one made here in the UI, is a run in the experiment `{audit}`."
 )
 
 
