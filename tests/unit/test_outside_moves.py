@@ -256,3 +256,16 @@ def test_gate_figures_of_the_record_go_to_the_audit_run(registry_cfg):
     bootstrap(cfg)
     v2 = gated(cfg, "pass")
     assert records.evidence(cfg, v2).figures == pytest.approx(FIGURES)
+
+
+def test_a_registry_set_up_without_detloop_is_adopted_not_emptied(registry_cfg):
+    """Production set before detloop recorded anything: kept as the trail's starting point, never removed."""
+    cfg = registry_cfg
+    v1 = register_version(cfg, {"kind": "base"})  # no gate record, no audit trail
+    ui_move(cfg, "production", v1)
+    found = oversight.watch(cfg)
+    assert found[0]["allowed"] and "first holder the audit trail sees" in found[0]["why"]
+    assert holders(cfg)["production"] == v1
+    v2 = gated(cfg, "pass")
+    promote_version(cfg, v2, reviewer="r", reason="first gated")
+    assert rollback(cfg, reason="back")["to"] == v1

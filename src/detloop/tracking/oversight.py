@@ -118,15 +118,27 @@ def watch(
         recorded = _recorded_holder(moves, alias)
         if holder == (recorded or ""):
             continue
-        found.append(_record_external(cfg, alias, recorded or "", holder, moves, rule, seen_by, event))
+        adopted = recorded is None  # the trail never recorded this alias: a registry detloop starts to watch
+        found.append(_record_external(cfg, alias, recorded or "", holder, moves, rule, seen_by, event, adopted))
         moves = registry.history(cfg)
     return found
 
 
 def _record_external(
-    cfg: DictConfig, alias: str, recorded: str, holder: str, moves: list[dict], rule: str, seen_by: str, event
+    cfg: DictConfig,
+    alias: str,
+    recorded: str,
+    holder: str,
+    moves: list[dict],
+    rule: str,
+    seen_by: str,
+    event,
+    adopted: bool = False,
 ) -> dict:
     allowed, status, why = check_target(cfg, alias, holder, moves)
+    if adopted and not allowed:  # nothing to put back: the first holder the trail sees is kept, with a warning
+        log.warning("WARNING: %s is held by v%s, which %s; the audit trail starts here", alias, holder, why)
+        allowed, why = True, f"first holder the audit trail sees ({why})"
     when = (event or {}).get("timestamp") or datetime.now(UTC).isoformat(timespec="seconds")
     who = (event or {}).get("user") or "unknown (moved in the MLflow UI or API; MLflow does not say who)"
     refused = not allowed and rule == "enforce"
