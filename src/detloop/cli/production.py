@@ -103,10 +103,11 @@ def add_production_parsers(sub, overrides_help: str) -> None:
 
     p = sub.add_parser(
         "monitor",
-        help="production metrics over the prediction log vs the baseline; exits 1 on an alert",
-        description="Per-class detection rate, average confidence and latency "
-        "vs the baseline, failure reports per week (thresholds in conf/monitor). Logs to MLflow; "
-        "exits 1 when an alert fires, 0 otherwise.",
+        help="production metrics over the prediction log vs their baselines; exits 1 on an alert",
+        description="Detection rate per field (over the images expected to show it), average confidence and "
+        "latency of the monitored version vs its own baseline and the previous production version's, failure "
+        "reports per week (thresholds and baselines in conf/monitor). Logs to MLflow with monitor.json and "
+        "monitor.png (the figures across the window); exits 1 when an alert fires, 0 otherwise.",
     )
     p.add_argument("--since", help="window start, ISO date or date-time (UTC when no zone)")
     p.add_argument("--until", help="window end (default: now)")

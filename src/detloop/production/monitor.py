@@ -52,21 +52,19 @@ def scored(window: Window | None = None, version: str | None = None) -> sa.Colum
     return cond
 
 
-def image_stats(conn, cond, classes: list[str]) -> dict:
-    """Images, detections, average confidence and per-class detection rate of the rows matching ``cond``."""
+def image_stats(conn, cond) -> dict:
+    """Images, detections and average confidence of the rows matching ``cond``."""
     c = predlog.predictions.c
     columns = [
         sa.func.count(),
         sa.func.coalesce(sa.func.sum(c.n_detections), 0),
         sa.func.coalesce(sa.func.sum(c.confidence_sum), 0.0),
     ]
-    columns += [sa.func.coalesce(sa.func.sum(sa.case((predlog.detected(name), 1), else_=0)), 0) for name in classes]
-    images, detections, confidence_sum, *found = conn.execute(sa.select(*columns).where(cond)).one()
+    images, detections, confidence_sum = conn.execute(sa.select(*columns).where(cond)).one()
     return {
         "images": int(images),
         "detections": int(detections),
         "confidence": float(confidence_sum) / detections if detections else None,
-        "detection_rate": {name: int(n) / images if images else None for name, n in zip(classes, found, strict=True)},
     }
 
 
@@ -79,20 +77,6 @@ def latency_quantile(conn, cond, q: float) -> float | None:
     rank = min(int(q * (n - 1) + 0.5), n - 1)
     query = sa.select(c.latency_ms).where(cond, c.latency_ms.is_not(None)).order_by(c.latency_ms)
     return float(conn.execute(query.offset(rank).limit(1)).scalar_one())
-
-
-def last_version(conn, window: Window) -> str | None:
-    """The version that answered last in the window."""
-    c = predlog.predictions.c
-    query = sa.select(c.model_version).where(scored(window)).order_by(c.ts.desc(), c.id.desc()).limit(1)
-    return conn.execute(query).scalar_one_or_none()
-
-
-def versions_in(conn, window: Window) -> list[str]:
-    """The versions that answered in the window, in the order they first answered."""
-    c = predlog.predictions.c
-    query = sa.select(c.model_version, sa.func.min(c.ts)).where(scored(window)).group_by(c.model_version)
-    return [v for v, _ in sorted(conn.execute(query).all(), key=lambda row: row[1]) if v is not None]
 
 
 def first_served(conn, version: str) -> float | None:
@@ -217,6 +201,8 @@ def previous_version(cfg: DictConfig, conn, version: str, window: Window) -> tup
             if source == "registry"
             else _previous_in_log(conn, version)
         )
+        if found is not None and found != version and first_served(conn, found) is None:
+            found, note = None, f"{source}: v{found} never answered (no log rows to compare with)"
         if found is not None and found != version:
             return found, note, ""
         tried.append(note)
@@ -225,13 +211,14 @@ def previous_version(cfg: DictConfig, conn, version: str, window: Window) -> tup
 
 def _previous_in_registry(cfg: DictConfig, version: str, until: float) -> tuple[str | None, str]:
     """The ``from_version`` of the audit trail's last move of ``serve.alias`` to ``version`` before ``until``."""
-    from detloop.tracking import registry, runs
+    from detloop.tracking import oversight, registry, runs
 
     alias = str(cfg.serve.alias)
     db = predlog.sqlite_path(runs.tracking_uri(cfg))
     if db is not None and not db.is_file():
         return None, f"registry: no tracking store at {db}"
     runs.setup(cfg)
+    oversight.watch(cfg, (alias,), seen_by="monitor")  # a move made in the MLflow UI is in the trail first
     moves = [
         move
         for move in registry.history(cfg)
@@ -263,8 +250,8 @@ def _previous_in_log(conn, version: str) -> tuple[str | None, str]:
     )
     found = conn.execute(query).scalar_one_or_none()
     if found is None:
-        return None, f"log: nothing answered before v{version} first did ({iso(start)})"
-    return str(found), f"prediction log: v{found} answered before v{version} first did ({iso(start)})"
+        return None, f"log: nothing answered before v{version} first did at {iso(start)}"
+    return str(found), f"prediction log: v{found} answered before v{version} first did at {iso(start)}"
 
 
 def baseline_of(conn, cfg: DictConfig, version: str, period: str, until: float) -> dict:
@@ -281,7 +268,7 @@ def baseline_of(conn, cfg: DictConfig, version: str, period: str, until: float) 
     if span is None:
         out["missing"] = f"v{version} has no scored images in the prediction log"
         return out
-    stats = image_stats(conn, scored(span, version), [])
+    stats = image_stats(conn, scored(span, version))
     out.update(
         since=iso(span.since),
         until=iso(span.until),
@@ -322,17 +309,12 @@ def baselines(cfg: DictConfig, conn, version: str | None, window: Window) -> dic
 
 def series(
     conn, cfg: DictConfig, window: Window, cuts: list[Window], expect: expected_fields.Expectations
-) -> tuple[dict, FieldCounts]:
-    """The figures per bin (``cuts`` of the window), and the per-field counts of the whole window."""
+) -> tuple[dict, FieldCounts, dict]:
+    """The figures per bin (``cuts`` of the window); the per-field counts and the per-version figures of the
+    whole window."""
     q = float(cfg.monitor.latency.quantile)
     counts = [field_counts(conn, scored(cut), expect) for cut in cuts]
-    versions = versions_in(conn, window)
-    confidence: dict[str, list] = {v: [] for v in versions}
-    latency: dict[str, list] = {v: [] for v in versions}
-    for cut in cuts:
-        for v in versions:
-            confidence[v].append(image_stats(conn, scored(cut, v), [])["confidence"])
-            latency[v].append(latency_quantile(conn, scored(cut, v), q))
+    per_version = version_series(conn, window, cuts)
     fields = list(expect.monitored)
     out = {
         "since": [iso(cut.since) for cut in cuts],
@@ -340,10 +322,69 @@ def series(
         "images": [n.images for n in counts],
         "detection_rate": {name: [n.rates(fields)[name] for n in counts] for name in fields},
         "expected_images": {name: [n.expected[name] for n in counts] for name in fields},
-        "confidence": confidence,
-        "latency_ms": latency,
+        "confidence": {v: figures.confidence for v, figures in per_version.items()},
+        "latency_ms": {v: figures.latency_ms(q) for v, figures in per_version.items()},
     }
-    return out, sum(counts, FieldCounts())
+    return out, sum(counts, FieldCounts()), per_version
+
+
+@dataclass
+class VersionFigures:
+    """One version's answers in the window: per bin and in total (confidence = detection-weighted average)."""
+
+    images: list[int]
+    detections: list[int]
+    confidence_sum: list[float]
+    latencies: list[list[float]]
+    last: float = 0.0  # when it answered last in the window
+
+    @property
+    def confidence(self) -> list[float | None]:
+        return [s / n if n else None for n, s in zip(self.detections, self.confidence_sum, strict=True)]
+
+    def latency_ms(self, q: float) -> list[float | None]:
+        return [_nearest_rank(sorted(values), q) for values in self.latencies]
+
+    def total(self, q: float) -> dict:
+        n = sum(self.detections)
+        return {
+            "images": sum(self.images),
+            "detections": n,
+            "confidence": sum(self.confidence_sum) / n if n else None,
+            "latency_ms": _nearest_rank(sorted(x for values in self.latencies for x in values), q),
+        }
+
+
+def version_series(conn, window: Window, cuts: list[Window]) -> dict[str, VersionFigures]:
+    """Per version that answered in the window (in the order of its first answer), its figures per bin, from
+    one read of the window's scored rows (latency quantiles by nearest rank, as :func:`latency_quantile`).
+
+    ``cuts`` are :func:`bins` of the window: equal widths from its start, the last one maybe shorter."""
+    c = predlog.predictions.c
+    columns = (c.ts, c.model_version, c.n_detections, c.confidence_sum, c.latency_ms)
+    query = sa.select(*columns).where(scored(window)).order_by(c.ts, c.id)
+    width, last = (cuts[0].until - cuts[0].since, len(cuts) - 1) if cuts else (1.0, 0)
+    found: dict[str, VersionFigures] = {}
+    for ts, version, detections, confidence_sum, latency in conn.execute(query):
+        figures = found.get(version)
+        if figures is None:
+            if version is None:
+                continue
+            figures = found[version] = VersionFigures(
+                [0] * len(cuts), [0] * len(cuts), [0.0] * len(cuts), [[] for _ in cuts]
+            )
+        k = min(int((ts - window.since) // width), last)
+        figures.images[k] += 1
+        figures.detections[k] += detections
+        figures.confidence_sum[k] += confidence_sum
+        figures.last = ts
+        if latency is not None:
+            figures.latencies[k].append(latency)
+    return found
+
+
+def _nearest_rank(values: list[float], q: float) -> float | None:
+    return values[min(int(q * (len(values) - 1) + 0.5), len(values) - 1)] if values else None
 
 
 def measure(cfg: DictConfig, log_store: predlog.PredictionLog, window: Window) -> dict:
@@ -353,25 +394,24 @@ def measure(cfg: DictConfig, log_store: predlog.PredictionLog, window: Window) -
     classes = expected_classes(cfg, names, problems)
     expect = expected_fields.load(cfg, classes, names)
     cuts = bins(window, float(m.mlflow.plot_bin_hours))
+    q = float(m.latency.quantile)
     with log_store.engine.connect() as conn:
-        over_time, total = series(conn, cfg, window, cuts, expect)
-        overall = image_stats(conn, scored(window), [])
-        version = str(m.baseline.version) if m.baseline.version is not None else last_version(conn, window)
-        current = {"images": 0, "confidence": None, "latency_ms": None}
-        if version is not None:
-            current = image_stats(conn, scored(window, version), [])
-            current["latency_ms"] = latency_quantile(conn, scored(window, version), float(m.latency.quantile))
+        over_time, total, per_version = series(conn, cfg, window, cuts, expect)
+        answered_last = max(per_version, key=lambda v: per_version[v].last) if per_version else None
+        version = str(m.baseline.version) if m.baseline.version is not None else answered_last
+        totals = {v: figures.total(q) for v, figures in per_version.items()}
+        current = totals.get(version, {"images": 0, "confidence": None, "latency_ms": None})
         compared_with = baselines(cfg, conn, version, window)
         counts = request_counts(conn, window)
     times = report_times(cfg)
     over_time["reports"] = [sum(1 for t in times if cut.since <= t < cut.until) for cut in cuts]
     return {
         "window": {"since": iso(window.since), "until": iso(window.until)},
-        "latency_quantile": float(m.latency.quantile),
+        "latency_quantile": q,
         "expected_classes": classes,
-        "images": overall["images"],
-        "detections": overall["detections"],
-        "confidence": overall["confidence"],
+        "images": total.images,
+        "detections": sum(t["detections"] for t in totals.values()),
+        "confidence": _average(list(totals.values())),
         "detection_rate": total.rates(classes),
         "expected_images": {n: total.expected[n] for n in classes},
         "detected_images": {n: total.detected[n] for n in classes},
@@ -386,6 +426,12 @@ def measure(cfg: DictConfig, log_store: predlog.PredictionLog, window: Window) -
         "series": over_time,
         **counts,
     }
+
+
+def _average(totals: list[dict]) -> float | None:
+    """The detection-weighted average confidence over several versions' totals."""
+    n = sum(t["detections"] for t in totals)
+    return sum(t["confidence"] * t["detections"] for t in totals if t["detections"]) / n if n else None
 
 
 def metrics_of(found: dict, comparisons: list[Comparison]) -> dict[str, float]:

@@ -3,6 +3,7 @@ reports, latency), the configuration check and the terminal report; no I/O, no M
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -98,13 +99,11 @@ def rising(counts: list[int]) -> bool:
 
 def bins(window: Window, hours: float, most: int = MAX_BINS) -> list[Window]:
     """The window cut into bins of ``hours`` (widened to at most ``most`` bins; the last one may be shorter)."""
-    width = max(float(hours) * 3600.0, (window.until - window.since) / most)
-    edges = []
-    start = window.since
-    while start < window.until:
-        edges.append(Window(start, min(start + width, window.until)))
-        start += width
-    return edges
+    span = window.until - window.since
+    width = max(float(hours) * 3600.0, span / most)
+    count = max(1, math.ceil(span / width - 1e-9))
+    edges = [window.since + i * width for i in range(count)] + [window.until]
+    return [Window(a, b) for a, b in zip(edges, edges[1:], strict=False)]
 
 
 @dataclass(frozen=True)
