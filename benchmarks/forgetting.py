@@ -72,11 +72,12 @@ def detloop_mix(cfg: DictConfig) -> dict:
         pool_size=len(rows),
         split_counts=pool.split_counts(cfg, rows),
         new_samples=len(rows),
-        min_new_samples=int(cfg.trigger.min_new_samples),
+        min_train_samples=int(cfg.trigger.min_train_samples),
         triggered=True,
         reasons=[],
         forced=True,
         message="benchmark",
+        new_train_samples=sum(1 for r in rows if r["split"] == "train"),
     )
     return mixing.build_mix(cfg, trigger)
 

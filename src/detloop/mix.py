@@ -6,6 +6,12 @@ Pool holdout samples (Gate 2's) and the anchor test split never enter training o
 Validation (checkpoint selection) is anchor val plus the pool's val slice, so the selected
 checkpoint is one that learned the new samples without losing the old ones.
 
+Whether to fine-tune at all is the trigger policy's (``conf/trigger``, :func:`detloop.data.pool.trigger_status`):
+an enabled strategy (volume, schedule, performance) is due and the pool holds at least
+``trigger.min_train_samples`` new train samples, or ``trigger.force=true``. The stage reads
+``build/trigger/state.json`` (stage ``trigger``) only as a DVC dependency: it reruns when a schedule
+period begins or the monitor raises a flag, and then decides from the registry and the pool as always.
+
 Outputs image-path lists (relative to the project root, so they are identical on every machine)
 and ``mix.json`` with the counts, multiplier, seed and the trigger decision. It also decides whether a
 base retrain from scratch is due (``retrain.json``, the ``retrain`` stage's input).
@@ -37,7 +43,8 @@ def run(cfg: DictConfig) -> dict:
     root = project_root()
     if trigger.triggered:
         mix = build_mix(cfg, trigger)
-        record, train, val = mix["record"], relative_paths(mix["train"], root), relative_paths(mix["val"], root)
+        record = {**mix["record"], **decision(trigger)}
+        train, val = relative_paths(mix["train"], root), relative_paths(mix["val"], root)
         log.info(
             "mix: %d new + %d replayed anchor samples (%dx), %d val; %s",
             record["new_train"],
@@ -54,6 +61,7 @@ def run(cfg: DictConfig) -> dict:
             "trigger_reasons": list(trigger.reasons),
             "pool_size": trigger.pool_size,
             "new_samples": trigger.new_samples,
+            **decision(trigger),
         }
         train, val = [], []
         log.info("no fine-tune: %s", trigger.message)
@@ -65,6 +73,15 @@ def run(cfg: DictConfig) -> dict:
     write_json(out / "retrain.json", retrain_key(cfg, retrain))
     log.info("%s", retrain["message"])
     return record
+
+
+def decision(trigger: pool.TriggerStatus) -> dict:
+    """The trigger figures ``mix.json`` records beside the mix (scalars: they become MLflow params)."""
+    return {
+        "new_train_samples": trigger.new_train_samples,
+        "min_train_samples": trigger.min_train_samples,
+        "triggered_by": ",".join(name for name, on in trigger.triggers.items() if on),
+    }
 
 
 main = hydra_entry(run)

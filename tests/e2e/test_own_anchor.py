@@ -81,7 +81,7 @@ def test_bring_your_own_anchor_on_a_fresh_clone_runs_the_pipeline_and_waits(clon
     assert len(rows) == 1 and rows[0]["aliases"] == ["base", "production"]
     # and with no reported failures yet the loop waits: nothing fine-tuned, retrained or gated
     mix = json.loads((clone / "build" / "mix" / "mix.json").read_text())
-    assert mix["trigger"] == "waiting: 0/50 new verified samples" and mix["pool_size"] == 0
+    assert mix["trigger"] == "waiting: 0/50 new train samples" and mix["pool_size"] == 0
     for stage in ("finetune", "retrain"):
         assert json.loads((clone / "build" / stage / "model.json").read_text())["skipped"]
     assert json.loads((clone / "build" / "gate" / "decision.json").read_text())["skipped"]

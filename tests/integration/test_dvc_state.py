@@ -47,6 +47,8 @@ def test_committed_dvc_lock_records_the_current_code_and_params(tmp_path):
     stale = []
     for stage, changes in status.items():
         for change in changes:
+            if change == "always changed":  # stage trigger reads the clock and the monitor's flag on every repro
+                continue
             if not isinstance(change, dict):
                 stale.append(f"{stage}: {change}")
                 continue

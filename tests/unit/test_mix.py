@@ -6,12 +6,13 @@ import json
 import shutil
 
 import pytest
-from tests.conftest import tiny_overrides
+from tests.conftest import register_version, tiny_overrides
 
 from detloop.core.config import compose
 from detloop.core.errors import BadInput
 from detloop.data import pool
 from detloop.data.mixing import build_mix, draw_replay, replay_multiplier, replay_seed, replay_size
+from detloop.tracking import runs
 
 TABLE = {10: 50, 50: 20, 200: 10, 500: 5}
 
@@ -44,7 +45,8 @@ def _trigger(n: int) -> pool.TriggerStatus:
         pool_size=n,
         split_counts={},
         new_samples=n,
-        min_new_samples=50,
+        new_train_samples=n,
+        min_train_samples=50,
         triggered=True,
         reasons=["test"],
         forced=False,
@@ -98,12 +100,64 @@ def test_no_pool_yet_waits_and_the_training_stages_record_the_skip(tmp_path, tin
     # when the mix, finetune and retrain stages run
     record = mix.run(cfg)
     skipped = [finetune.run(cfg), retrain.run(cfg)]
-    # then the mix waits for 50 new samples with empty lists, and both training stages skip
+    # then the mix waits for 50 new train samples with empty lists, and both training stages skip
     assert not record["triggered"] and record["pool_size"] == 0
-    assert record["trigger"] == "waiting: 0/50 new verified samples"
+    assert record["trigger"] == "waiting: 0/50 new train samples"
     build = tmp_path / "build"
     assert (build / "mix" / "train.txt").read_text() == (build / "mix" / "val.txt").read_text() == ""
     assert all(result["skipped"] for result in skipped)
     # and each writes its DVC metric, so `dvc metrics show` loads every file
     for stage in ("finetune", "retrain"):
         assert json.loads((build / stage / "metrics.json").read_text()) == {"skipped": True}
+
+
+# --------------------------------------------------------------------------- the trigger decision in mix.json
+
+
+@pytest.fixture
+def registry_project(tmp_path, tiny_data, registry_overrides):
+    """The tiny demo data (pool of 12) with a registry of this test's own and a flag path under tmp."""
+    shutil.copytree(tiny_data, tmp_path / "data")
+    return [*registry_overrides, f"trigger.performance_flag={tmp_path / 'flag.json'}"]
+
+
+def test_a_flag_and_one_new_sample_do_not_fine_tune(registry_project, tmp_path):
+    from detloop import mix
+
+    # given a fine-tune registered on the first 11 of the 12 pool rows, then the monitor's flag
+    cfg = compose(registry_project)
+    runs.setup(cfg)  # the registry the stage reads
+    register_version(cfg, {"kind": "finetune", "pool.size": 11})
+    flag = {"reason": "title detection rate 0.62 < 0.90", "raised_at": "2999-01-01T00:00:00Z"}
+    (tmp_path / "flag.json").write_text(json.dumps(flag))
+    # when the mix stage runs
+    record = mix.run(cfg)
+    # then it records the wait, the flag held back by the floor, and trains nothing
+    new_train = int(pool.pool_rows(cfg)[11]["split"] == "train")
+    assert not record["triggered"] and record["trigger"] == f"waiting: {new_train}/50 new train samples"
+    assert (record["new_samples"], record["new_train_samples"], record["min_train_samples"]) == (1, new_train, 50)
+    assert record["triggered_by"] == ""
+    assert any(r.startswith("performance: flag") and "held back by the floor" in r for r in record["trigger_reasons"])
+    assert (tmp_path / "build" / "mix" / "train.txt").read_text() == ""
+
+
+def test_force_is_recorded_in_the_mix(registry_project, tmp_path):
+    from detloop import mix
+
+    record = mix.run(compose([*registry_project, "trigger.force=true"]))
+    train = pool.split_counts(compose(registry_project))["train"]
+    assert record["triggered"] and record["forced"] and record["triggered_by"] == "force"
+    assert record["trigger"] == f"forced: {train}/50 new train samples (trigger.force=true)"
+    saved = json.loads((tmp_path / "build" / "mix" / "mix.json").read_text())
+    assert saved["forced"] is True and saved["new_train"] == train
+
+
+def test_the_mix_record_does_not_change_with_the_clock(registry_project, tmp_path):
+    # mix.json is a DVC output recorded in dvc.lock: with the default strategies it holds no time
+    from detloop import mix
+
+    written = []
+    for now in ("2025-03-01T12:00:00Z", "2026-07-15T08:00:00Z"):
+        mix.run(compose([*registry_project, f"trigger.now={now}"]))
+        written.append((tmp_path / "build" / "mix" / "mix.json").read_text())
+    assert written[0] == written[1]

@@ -3,39 +3,49 @@
 The pool is append-only (``detloop review`` is its only writer). Each row's ``split`` was fixed when
 the sample was accepted and is read as stored, never recomputed.
 
-Fine-tune trigger policy (document section 5; ``conf/trigger``):
+Fine-tune trigger policy (document section 5; ``conf/trigger``). Counted on the *new train samples*:
+the pool rows after the first ``pool.size`` rows of the last fine-tune (the manifest is append-only)
+whose split is train, i.e. what the next fine-tune sees for the first time.
 
-* by volume: at least ``trigger.min_new_samples`` (50) verified samples since the last fine-tune;
-* by schedule: ``trigger.schedule_days`` since the last fine-tune, and still at least
-  ``min_new_samples`` new samples ("do NOT fine-tune daily with fewer than 50 samples");
-* by performance: the monitor's flag file ``trigger.performance_flag`` exists, and there is at least
-  one new sample to learn from;
-* ``trigger.force=true`` starts a fine-tune regardless, and the run is recorded as forced.
+* the floor: no strategy starts a fine-tune below ``trigger.min_train_samples`` (50) new train samples
+  ("do NOT fine-tune daily with fewer than 50 samples");
+* strategies (``trigger.strategies``, any one of them starts a fine-tune):
+  by volume: at least ``trigger.volume.min_new_samples`` new train samples;
+  by schedule: once per calendar period of ``trigger.schedule.every_days`` days from
+  ``trigger.schedule.origin``, while no fine-tune was registered in the current period;
+  by performance: the monitor's flag ``trigger.performance_flag`` was raised after the last fine-tune;
+* ``trigger.force=true`` starts a fine-tune regardless, below the floor too, and is recorded as forced.
+
+Stage ``trigger`` writes :func:`trigger_state` (schedule period, flag hash) for DVC, so ``dvc repro``
+reruns ``mix`` when the clock passes a period boundary or the monitor raises a flag.
 
 Retrain check (``conf/retrain``): once ``retrain.threshold`` (2000) verified samples were added since the
-newest base version was trained, a new base is trained from scratch on anchor + pool (stage ``retrain``).
+newest base was trained, a new base is trained from scratch on anchor + pool (stage ``retrain``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detloop.core.config import resolve_path
 from detloop.core.env import in_project, project_root
 from detloop.core.errors import BadInput
-from detloop.data.manifest import MANIFEST, read_manifest
+from detloop.data.manifest import MANIFEST, read_manifest, sha256_file
 from detloop.data.yolo_format import is_image_name
 
 log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("id", "sha256", "reviewer", "verified_at", "split")
+STRATEGIES = ("volume", "schedule", "performance")  # document section 5; trigger.strategies names a subset
 
 
 @dataclass(frozen=True)
@@ -44,14 +54,17 @@ class TriggerStatus:
 
     pool_size: int
     split_counts: dict[str, int]
-    new_samples: int
-    min_new_samples: int
+    new_samples: int  # pool rows (every split) appended since the last fine-tune's pool
+    min_train_samples: int  # the floor (trigger.min_train_samples)
     triggered: bool
-    reasons: list[str]  # one line per trigger: its state and why
+    reasons: list[str]  # one recorded line per strategy, the floor and force: state and why, with the numbers
     forced: bool
-    message: str  # e.g. "waiting: 23/50 new verified samples"
-    triggers: dict[str, bool] = field(default_factory=dict)  # volume / schedule / performance / force -> fired
+    message: str  # e.g. "waiting: 23/50 new train samples"
+    new_train_samples: int = 0  # of new_samples, those with split=train: what the floor and volume count
+    triggers: dict[str, bool] = field(default_factory=dict)  # volume / schedule / performance / force -> started it
+    strategies: dict[str, dict] = field(default_factory=dict)  # name -> {enabled, due, fired, reason}
     last_finetune: dict | None = None  # {version, pool_size, created} of the newest fine-tune, or None
+    now: str = ""  # the time the policy was evaluated at (ISO 8601)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,94 +173,146 @@ def retrain_status(cfg: DictConfig, last_base: dict | None) -> dict:
 
 
 def trigger_status(cfg: DictConfig, last_finetune: dict | None, now: datetime | None = None) -> TriggerStatus:
-    """Whether a fine-tune starts now, by the trigger policy (volume, schedule, performance, force).
+    """Whether a fine-tune starts now: an enabled strategy is due and the floor is met, or ``force``.
 
-    ``last_finetune`` is ``{pool_size, created}`` (created: ISO time) of the newest registered
-    fine-tune, or None when there is none (then every pool sample is new).
+    ``last_finetune`` is ``{version, pool_size, created}`` (created: ISO time) of the newest registered
+    fine-tune, or None when there is none (then every pool sample is new). ``now`` defaults to
+    ``trigger.now`` or the clock. Raises BadInput naming the key of a bad ``conf/trigger`` value.
     """
+    check_trigger_config(cfg)
+    now = now or clock(cfg)
     rows = pool_rows(cfg)
-    new = new_samples(len(rows), last_finetune)
-    minimum = int(cfg.trigger.min_new_samples)
+    fresh = new_rows(rows, last_finetune)
+    new_train = sum(1 for row in fresh if row.get("split") == "train")
+    floor = int(cfg.trigger.min_train_samples)
     checks = {
-        "volume": volume_trigger(new, minimum),
-        "schedule": schedule_trigger(cfg.trigger.schedule_days, last_finetune, new, minimum, now),
-        "performance": performance_trigger(performance_flag_path(cfg), new),
+        "volume": volume_trigger(new_train, int(cfg.trigger.volume.min_new_samples)),
+        "schedule": schedule_trigger(schedule_of(cfg), last_finetune, now),
+        "performance": performance_trigger(performance_flag_path(cfg), last_finetune),
+    }
+    enabled = set(cfg.trigger.strategies)
+    floor_met = new_train >= floor
+    strategies = {
+        name: {"enabled": name in enabled, "due": due, "fired": name in enabled and due and floor_met, "reason": why}
+        for name, (due, why) in checks.items()
     }
     forced = bool(cfg.trigger.force)
-    reasons = [reason for _, reason in checks.values()]
+    fired = {name: s["fired"] for name, s in strategies.items()} | {"force": forced}
+    reasons = [strategy_line(name, s, new_train, floor) for name, s in strategies.items()]
+    reasons.append(floor_line(new_train, floor))
     reasons.append("force: trigger.force=true starts a fine-tune regardless of the policy" if forced else "force: off")
-    fired = {name: on for name, (on, _) in checks.items()} | {"force": forced}
     return TriggerStatus(
         pool_size=len(rows),
         split_counts=split_counts(cfg, rows),
-        new_samples=new,
-        min_new_samples=minimum,
+        new_samples=len(fresh),
+        new_train_samples=new_train,
+        min_train_samples=floor,
         triggered=any(fired.values()),
         reasons=reasons,
         forced=forced,
-        message=trigger_message(fired, new, minimum),
+        message=trigger_message(fired, new_train, floor, [n for n in STRATEGIES if n in enabled]),
         triggers=fired,
+        strategies=strategies,
         last_finetune=last_finetune,
+        now=now.isoformat(timespec="seconds"),
     )
 
 
-def new_samples(pool_size: int, last_finetune: dict | None) -> int:
-    """Verified samples added since the last fine-tune's pool (all of them when there was none)."""
+def new_rows(rows: list[dict], last_finetune: dict | None) -> list[dict]:
+    """The pool rows appended since the last fine-tune's pool: all rows after its first ``pool.size``.
+
+    The manifest is append-only, so the first ``pool.size`` rows are the ones that fine-tune saw.
+    """
     if last_finetune is None:
-        return pool_size
-    new = pool_size - int(last_finetune["pool_size"])
-    if new < 0:
-        log.warning(
-            "the pool (%d) is smaller than at the last fine-tune (%s): it is append-only",
-            pool_size,
-            last_finetune["pool_size"],
-        )
-    return max(new, 0)
+        return list(rows)
+    seen = int(last_finetune["pool_size"])
+    if seen > len(rows):
+        log.warning("the pool (%d) is smaller than at the last fine-tune (%d): it is append-only", len(rows), seen)
+    return list(rows[seen:])
 
 
-def volume_trigger(new: int, minimum: int) -> tuple[bool, str]:
-    """By volume: enough new verified samples."""
-    if new >= minimum:
-        return True, f"volume: {new} new verified samples >= {minimum}"
-    return False, f"volume: {new}/{minimum} new verified samples"
+def strategy_line(name: str, state: dict, new_train: int, floor: int) -> str:
+    """One recorded line per strategy: ``volume: 62 new train samples >= 50 (...)``, ``schedule: off (...)``.
+
+    A disabled strategy records only that it is off, so the record does not change with the clock.
+    """
+    if not state["enabled"]:
+        return f"{name}: off (not in trigger.strategies)"
+    line = f"{name}: {state['reason']}"
+    if state["due"] and not state["fired"]:
+        line += f"; held back by the floor: {new_train}/{floor} new train samples (trigger.min_train_samples)"
+    return line
 
 
-def schedule_trigger(
-    schedule_days: float | None, last_finetune: dict | None, new: int, minimum: int, now: datetime | None = None
-) -> tuple[bool, str]:
-    """By schedule: the period has passed since the last fine-tune, and there are enough new samples."""
-    if schedule_days is None:
-        return False, "schedule: off (trigger.schedule_days is null)"
-    days = days_since(last_finetune, now)
-    since = "no fine-tune yet" if days is None else f"{days:.1f} days since the last fine-tune"
-    if days is not None and days < float(schedule_days):
-        return False, f"schedule: {since}, due after {schedule_days}"
-    if new < minimum:
-        return False, (
-            f"schedule: due ({since}) but only {new}/{minimum} new verified samples; "
-            f"never fine-tune on fewer than {minimum}"
-        )
-    return True, f"schedule: due ({since} >= {schedule_days}) with {new} >= {minimum} new verified samples"
+def floor_line(new_train: int, floor: int) -> str:
+    if new_train >= floor:
+        return f"floor: {new_train}/{floor} new train samples (trigger.min_train_samples): met"
+    return (
+        f"floor: {new_train}/{floor} new train samples (trigger.min_train_samples): not met, "
+        "no strategy starts a fine-tune below it"
+    )
 
 
-def days_since(last_finetune: dict | None, now: datetime | None = None) -> float | None:
-    """Days between the last fine-tune's creation and ``now`` (None when there was none)."""
+def volume_trigger(new_train: int, minimum: int) -> tuple[bool, str]:
+    """By volume: ``minimum`` new pool train samples since the last fine-tune's pool."""
+    if new_train >= minimum:
+        return True, f"{new_train} new train samples >= {minimum} (trigger.volume.min_new_samples)"
+    return False, f"{new_train}/{minimum} new train samples (trigger.volume.min_new_samples)"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Calendar periods of ``every_days`` days, fixed from ``origin`` (not from the last fine-tune)."""
+
+    every_days: float
+    origin: datetime
+
+    def period(self, when: datetime) -> int:
+        """The index of the period holding ``when`` (period k starts at origin + k * every_days)."""
+        return math.floor((when - self.origin).total_seconds() / (self.every_days * 86400.0))
+
+    def start(self, index: int) -> datetime:
+        return self.origin + timedelta(days=self.every_days * index)
+
+
+def schedule_of(cfg: DictConfig) -> Schedule:
+    node = cfg.trigger.schedule
+    return Schedule(float(node.every_days), parse_time(node.origin, "trigger.schedule.origin"))
+
+
+def schedule_trigger(schedule: Schedule, last_finetune: dict | None, now: datetime) -> tuple[bool, str]:
+    """By schedule: due once per period, while no fine-tune was registered in the current period."""
+    current = schedule.period(now)
+    span = (
+        f"period {current} ({_time(schedule.start(current))} .. {_time(schedule.start(current + 1))}, "
+        f"every {schedule.every_days:g} days)"
+    )
     if last_finetune is None:
-        return None
-    created = datetime.fromisoformat(str(last_finetune["created"]))
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=UTC)
-    return ((now or datetime.now(UTC)) - created).total_seconds() / 86400.0
+        return True, f"due: {span}, no fine-tune yet"
+    created = parse_time(last_finetune["created"], "last fine-tune's creation time")
+    done = schedule.period(created)
+    where = f"fine-tune v{last_finetune['version']} ({_time(created)}, period {done})"
+    if done >= current:
+        return False, f"not due: {where} is in the current {span}"
+    return True, f"due: {span}; the last was {where}"
 
 
-def performance_trigger(flag: Path, new: int) -> tuple[bool, str]:
-    """By performance: the monitor's flag file exists (its JSON says why); needs one new sample."""
+def performance_trigger(flag: Path, last_finetune: dict | None = None, new: int | None = None) -> tuple[bool, str]:
+    """By performance: the monitor's flag file exists and was raised after the last fine-tune was registered.
+
+    A flag older than the last fine-tune was answered by it (a sweep's jobs leave the flag in place).
+    ``new`` is ignored (callers of the former signature pass it): the floor is checked for every
+    strategy alike, in :func:`trigger_status`.
+    """
     if not flag.is_file():
-        return False, f"performance: no flag ({_shown(flag)})"
-    why = read_flag_reason(flag)
-    if new < 1:
-        return False, f"performance: flagged ({why}) but no new verified samples since the last fine-tune"
-    return True, f"performance: flagged ({why}), {new} new verified samples"
+        return False, f"no flag ({_shown(flag)})"
+    raised = flag_raised_at(flag)
+    what = f"flag {_shown(flag)} raised {_time(raised)}: {read_flag_reason(flag)}"
+    if last_finetune is not None:
+        created = parse_time(last_finetune["created"], "last fine-tune's creation time")
+        if raised <= created:
+            return False, f"{what}; answered by fine-tune v{last_finetune['version']} ({_time(created)})"
+    return True, what
 
 
 def read_flag_reason(flag: Path) -> str:
@@ -260,12 +325,25 @@ def read_flag_reason(flag: Path) -> str:
     return str(reason) if reason else f"{flag} gives no reason"
 
 
+def flag_raised_at(flag: Path) -> datetime:
+    """When the monitor raised ``flag``: its ``raised_at`` (ISO 8601), else the file's modification time."""
+    try:
+        data = json.loads(flag.read_text(encoding="utf-8"))
+        return parse_time(data["raised_at"], f"{flag}: raised_at")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, BadInput):
+        return datetime.fromtimestamp(flag.stat().st_mtime, UTC)
+
+
 def _shown(path: Path) -> str:
     """A path as users configured it: relative to the project root when inside it (same on every machine)."""
     try:
         return path.relative_to(project_root()).as_posix()
     except ValueError:
         return str(path)
+
+
+def _time(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def consume_performance_flag(cfg: DictConfig, version: str) -> str | None:
@@ -286,16 +364,105 @@ def performance_flag_path(cfg: DictConfig) -> Path:
     return in_project(cfg.trigger.performance_flag)
 
 
-def trigger_message(fired: dict[str, bool], new: int, minimum: int) -> str:
-    """One line for users: ``waiting: 23/50 new verified samples``, ``fine-tune due (volume): ...``."""
-    counts = f"{new}/{minimum} new verified samples"
+def performance_flags(cfg: DictConfig) -> list[Path]:
+    """The monitor's flag and its answered copies (``consume_performance_flag``), the flags raised so far."""
+    flag = performance_flag_path(cfg)
+    answered = sorted(flag.parent.glob(f"{flag.stem}.consumed-v*")) if flag.parent.is_dir() else []
+    return [p for p in (flag, *answered) if p.is_file()]
+
+
+def trigger_message(fired: dict[str, bool], new_train: int, floor: int, enabled: list[str]) -> str:
+    """One line for users: ``waiting: 23/50 new train samples``, ``fine-tune due (volume): 62/50 ...``."""
+    counts = f"{new_train}/{floor} new train samples"
     if fired.get("force"):
         return f"forced: {counts} (trigger.force=true)"
     names = [name for name, on in fired.items() if on]
-    return f"fine-tune due ({', '.join(names)}): {counts}" if names else f"waiting: {counts}"
+    if names:
+        return f"fine-tune due ({', '.join(names)}): {counts}"
+    if new_train >= floor:
+        return f"waiting: {counts}, no strategy due ({', '.join(enabled) or 'none enabled'})"
+    return f"waiting: {counts}"
 
 
-# --------------------------------------------------------------------------- registry
+# --------------------------------------------------------------------------- the trigger state (stage trigger)
+
+
+def trigger_state(cfg: DictConfig, now: datetime | None = None) -> dict:
+    """What can start a fine-tune without a change to the pool or the config, as stable content.
+
+    ``schedule``: the current period (when the schedule strategy is on); ``performance``: a hash of
+    the monitor's flags raised so far, live or answered (when the performance strategy is on). The
+    time itself is not in it: the content changes only when a period boundary passes or a flag is
+    raised, and answering a flag (a rename) leaves it unchanged. Stage ``trigger`` writes it.
+    """
+    check_trigger_config(cfg)
+    enabled = set(cfg.trigger.strategies)
+    state: dict = {"schedule": None, "performance": None}
+    if "schedule" in enabled:
+        schedule = schedule_of(cfg)
+        period = schedule.period(now or clock(cfg))
+        state["schedule"] = {"period": period, "starts": _time(schedule.start(period))}
+    if "performance" in enabled:
+        hashes = sorted(sha256_file(p) for p in performance_flags(cfg))
+        digest = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:16] if hashes else None
+        state["performance"] = {"flags": len(hashes), "sha256": digest}
+    return state
+
+
+# --------------------------------------------------------------------------- configuration and clock
+
+
+def clock(cfg: DictConfig) -> datetime:
+    """``trigger.now`` (tests and drills; ``DETLOOP_NOW``) or the current UTC time."""
+    value = cfg.trigger.get("now")
+    return parse_time(value, "trigger.now") if value is not None else datetime.now(UTC)
+
+
+def parse_time(value, key: str) -> datetime:
+    """An ISO 8601 time (naive = UTC) as an aware datetime; BadInput names ``key``."""
+    try:
+        when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except ValueError:
+        raise BadInput(f"{key}: not an ISO 8601 time", [f"{key}={value!r}: e.g. 2025-03-03T00:00:00Z"]) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def check_trigger_config(cfg: DictConfig) -> None:
+    """Raise BadInput listing every bad ``conf/trigger`` value, each with its key."""
+    t = cfg.trigger
+    problems = []
+    strategies = t.get("strategies")
+    if not isinstance(strategies, ListConfig | list):
+        problems.append(f"trigger.strategies={strategies!r}: must be a list of {' | '.join(STRATEGIES)}")
+    else:
+        problems += [
+            f"trigger.strategies: unknown strategy {name!r} (one of {', '.join(STRATEGIES)})"
+            for name in strategies
+            if name not in STRATEGIES
+        ]
+    for key, value in (
+        ("trigger.min_train_samples", t.get("min_train_samples")),
+        ("trigger.volume.min_new_samples", OmegaConf.select(t, "volume.min_new_samples")),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{key}={value!r}: must be a whole number >= 1")
+    every = OmegaConf.select(t, "schedule.every_days")
+    if isinstance(every, bool) or not isinstance(every, int | float) or not every > 0:
+        problems.append(f"trigger.schedule.every_days={every!r}: must be a number of days > 0")
+    if not isinstance(t.get("force"), bool):
+        problems.append(f"trigger.force={t.get('force')!r}: must be true or false")
+    if not t.get("performance_flag"):
+        problems.append("trigger.performance_flag: must name the monitor's flag file")
+    times = {"trigger.schedule.origin": OmegaConf.select(t, "schedule.origin")}
+    if t.get("now") is not None:
+        times["trigger.now"] = t.get("now")
+    for key, value in times.items():
+        try:
+            parse_time(value, key)
+        except BadInput as err:
+            problems += err.problems
+    if problems:
+        raise BadInput("bad trigger configuration (conf/trigger/default.yaml)", problems)
 
 
 # --------------------------------------------------------------------------- status report
@@ -307,24 +474,28 @@ def status_report(cfg: DictConfig, status: TriggerStatus, retrain: dict) -> dict
 
 
 def format_status(cfg: DictConfig, status: TriggerStatus, retrain: dict) -> str:
-    """``detloop pool status`` for the terminal."""
+    """``detloop pool status`` for the terminal: the pool, the floor, each strategy, force and the decision."""
     splits = ", ".join(f"{name} {n}" for name, n in status.split_counts.items())
     last = status.last_finetune
     since = (
         f"since fine-tune v{last['version']} ({last['created']}, pool {last['pool_size']})"
         if last
-        else "no fine-tune yet"
+        else "no fine-tune yet: every sample is new"
     )
+    enabled = [name for name, s in status.strategies.items() if s["enabled"]]
     lines = [
         f"pool: {status.pool_size} verified samples ({splits}) in {resolve_path(cfg, 'pool')}",
-        f"new: {status.new_samples} ({since})",
-        "triggers:",
-        *(f"  [{'x' if _fired(status, reason) else ' '}] {reason}" for reason in status.reasons),
-        retrain["message"],
-        status.message,
+        f"new: {status.new_samples} samples, {status.new_train_samples} of them train ({since})",
+        floor_line(status.new_train_samples, status.min_train_samples),
+        f"strategies (trigger.strategies: {', '.join(enabled) or 'none'}; any one starts a fine-tune):",
     ]
+    for name, s in status.strategies.items():
+        held = "; held back by the floor" if s["enabled"] and s["due"] and not s["fired"] else ""
+        state = "on " if s["enabled"] else "off"
+        lines.append(f"  [{'x' if s['fired'] else ' '}] {name:<11} {state}  {s['reason']}{held}")
+    force = "on   trigger.force=true starts a fine-tune, below the floor too" if status.forced else "off"
+    lines.append(f"  [{'x' if status.forced else ' '}] {'force':<11} {force}")
+    if cfg.trigger.get("now") is not None:
+        lines.append(f"now: {status.now} (trigger.now)")
+    lines += [retrain["message"], status.message]
     return "\n".join(lines)
-
-
-def _fired(status: TriggerStatus, reason: str) -> bool:
-    return status.triggers.get(reason.split(":", 1)[0], False)
