@@ -71,10 +71,11 @@ def cmd_review(args) -> int:
 
 def cmd_pool_status(args) -> int:
     from detloop.data import pool
-    from detloop.tracking import runs
+    from detloop.tracking import oversight, runs
 
     cfg = compose_args(args)
     runs.setup(cfg)
+    oversight.watch(cfg)  # moves made in the MLflow UI are in the audit trail before anything reads it
     status = pool.trigger_status(cfg, registry.last_finetune_from_registry(cfg))
     retrain = pool.retrain_status(cfg, registry.last_base_from_registry(cfg))
     if args.json:

@@ -45,9 +45,10 @@ def resolve_models(cfg: DictConfig, specs: list[str]) -> list[dict]:
 
 def _registered(cfg: DictConfig, specs: list[str], cache: Path) -> list[dict]:
     from detloop.model.pyfunc import model_weights
-    from detloop.tracking import registry, runs
+    from detloop.tracking import oversight, registry, runs
 
     runs.setup(cfg)
+    oversight.watch(cfg)  # an alias moved in the MLflow UI is recorded (or put back) before it is resolved
     name = cfg.mlflow.registered_model
     out = []
     for spec in specs:

@@ -57,7 +57,7 @@ def report_image(cfg: DictConfig, image: Path, note: str | None = None) -> dict:
     the alias, and when the inbox refuses the report (the reason is in the message).
     """
     from detloop.data.yolo_format import check_image
-    from detloop.tracking import runs
+    from detloop.tracking import oversight, runs
 
     image = Path(image).expanduser().absolute()
     if not image.is_file():
@@ -66,7 +66,14 @@ def report_image(cfg: DictConfig, image: Path, note: str | None = None) -> dict:
     if problems:
         raise BadInput(f"{image}: not a usable image; nothing was written", problems)
     runs.setup(cfg)
-    watcher = ModelWatcher(cfg.mlflow.registered_model, str(cfg.serve.alias), 0, loader=_load_cold)
+    alias = str(cfg.serve.alias)
+    watcher = ModelWatcher(
+        cfg.mlflow.registered_model,
+        alias,
+        0,
+        loader=_load_cold,
+        oversee=lambda: oversight.watch(cfg, (alias,), seen_by="report"),
+    )
     served = watcher.load()
     import pandas as pd
 

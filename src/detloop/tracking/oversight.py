@@ -6,8 +6,9 @@ UI. :func:`watch` compares every alias holder with the audit trail's last record
 each difference as an audit entry (``decision=external``: when it was seen, from, to, the target's
 gate status from its trusted records, and who where MLflow says). Two paths call it:
 
-* every detloop command that reads the registry (stages ``gate``, ``finetune``, ``promote``,
-  ``detloop registry/promote/rollback``, ``monitor``) and every ``serve`` poll;
+* every detloop command that reads the registry (stages ``gate``, ``finetune``, ``promote``;
+  ``detloop registry``, ``promote``, ``rollback``, ``pool status``, ``report``, ``monitor``,
+  ``inspect``) and every ``serve`` poll;
 * MLflow's registry webhooks (``model_version_alias.created`` / ``.deleted``, HMAC-signed, SQL
   tracking servers): ``detloop serve`` receives them at ``/registry-webhook`` (:func:`handle_delivery`)
   and records the move at once, with the delivery's time and id.
