@@ -269,3 +269,14 @@ def test_a_registry_set_up_without_detloop_is_adopted_not_emptied(registry_cfg):
     v2 = gated(cfg, "pass")
     promote_version(cfg, v2, reviewer="r", reason="first gated")
     assert rollback(cfg, reason="back")["to"] == v1
+
+
+def test_under_record_the_kept_holder_is_named_as_breaking_a_rule(registry_cfg):
+    cfg = with_policy(registry_cfg, "record")
+    _, v2, v3 = promoted(cfg)
+    assert oversight.held_against_rules(cfg, "production", v2) is None
+    ui_move(cfg, "production", v3)
+    oversight.watch(cfg)
+    assert "through a move made outside detloop that breaks a rule" in oversight.held_against_rules(
+        cfg, "production", v3
+    )

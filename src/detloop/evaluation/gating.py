@@ -123,6 +123,10 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
         "summary": summary(candidate, reference, alias, decision, gates),
         "measured": {"candidate": cand, "reference": ref},
     }
+    note = oversight.held_against_rules(cfg, alias, reference)
+    if note:  # policy record kept it: the candidate is compared with what serves, and the report says so
+        record["reference_note"] = note
+        record["summary"] += f"\nWARNING: the reference {note}."
     _record(cfg, record)
     log.info("%s", record["summary"])
     return record

@@ -195,6 +195,15 @@ def _record_external(
     return entry
 
 
+def held_against_rules(cfg: DictConfig, alias: str, version: str) -> str | None:
+    """Why ``version`` holds ``alias`` against a rule (kept by policy ``record``), or None when it does not."""
+    done = [m for m in registry.history(cfg) if m["alias"] == alias and m["state"] == "done"]
+    last = done[-1] if done else None
+    if last and last["external"] and not last["allowed"] and last["to_version"] == str(version):
+        return f"v{version} holds {alias} through a move made outside detloop that breaks a rule ({last['why']})"
+    return None
+
+
 def may_serve(cfg: DictConfig, alias: str, version: str) -> tuple[bool, str]:
     """Whether ``serve`` may swap to ``version`` holding ``alias`` (always true under policy ``record``)."""
     if alias != "production":
