@@ -23,6 +23,7 @@ from tests.conftest import tiny_overrides, wait_healthy
 from tests.mlflow_ui_driver import set_alias_in_ui
 from tests.serving_helpers import anchor_classes, detector_weights, register_detector
 
+from detloop.cli.main import main
 from detloop.core.config import compose
 from detloop.core.env import free_port
 from detloop.tracking import registry
@@ -93,12 +94,15 @@ def wait_for(check, what: str, timeout: float = 20.0):
     raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
-def detloop(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([DETLOOP, *args], capture_output=True, text=True, timeout=300, env=env)
+def detloop(capsys, *args: str) -> tuple[int, str]:
+    """``detloop ARGS`` in this process (as the console script runs it): exit code and stdout."""
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().out
 
 
 @pytest.mark.parametrize("policy", ["enforce", "record"])
-def test_production_moved_in_the_mlflow_ui(stack, policy, tmp_path):
+def test_production_moved_in_the_mlflow_ui(stack, policy, tmp_path, capsys, monkeypatch):
     uri, base = stack["uri"], stack["base"]
     name = f"ui-moves-{policy}"
     overrides = [
@@ -135,8 +139,8 @@ def test_production_moved_in_the_mlflow_ui(stack, policy, tmp_path):
         wait_healthy(serve_url, proc, "detloop serve", timeout=180, log=log_path)
         assert served(serve_url) == v1
         if policy == "enforce":
-            hook = detloop("registry", "--add-webhook", f"{serve_url}/registry-webhook", *overrides, env=env)
-            assert hook.returncode == 0, hook.stderr
+            monkeypatch.setenv("DETLOOP_WEBHOOK_SECRET", SECRET)
+            assert detloop(capsys, "registry", "--add-webhook", f"{serve_url}/registry-webhook", *overrides)[0] == 0
             time.sleep(1.5)  # the server's webhook cache (MLFLOW_WEBHOOK_CACHE_TTL=1) sees it
         shots = tmp_path / "shots"
 
@@ -166,16 +170,15 @@ def test_production_moved_in_the_mlflow_ui(stack, policy, tmp_path):
             back_to = v1
         else:
             wait_for(lambda: served(serve_url) == v3, "serve swaps to v3 (policy record keeps the move)")
-            table = detloop("registry", *overrides)
-            assert f"WARNING: v{v3}: holds production through a move made outside detloop" in table.stdout
+            table = detloop(capsys, "registry", *overrides)[1]
+            assert f"WARNING: v{v3}: holds production through a move made outside detloop" in table
             assert "WARNING: serving v" in log_path.read_text()
             back_to = v2
-        listed = detloop("registry", "--history", *overrides).stdout
+        listed = detloop(capsys, "registry", "--history", *overrides)[1]
         assert f"v{v1} -> v{v2}  by unknown" in listed and f"v{v2} -> v{v3}" in listed
 
         # 3. rollback works after the UI moves
-        rolled = detloop("rollback", "--reviewer", "ops", "--reason", "after the UI moves", *overrides, env=env)
-        assert rolled.returncode == 0, rolled.stderr
+        assert detloop(capsys, "rollback", "--reviewer", "ops", "--reason", "after the UI moves", *overrides)[0] == 0
         assert registry.alias_holder(name, "production") == back_to
         wait_for(lambda: served(serve_url) == back_to, f"serve swaps back to v{back_to}")
     finally:
