@@ -151,6 +151,53 @@ def log_gate_record(cfg, version: str, run_id: str, tags: dict) -> None:
         mlflow.MlflowClient().log_artifacts(run_id, str(folder), artifact_path="gate")
 
 
+@contextlib.contextmanager
+def mlflow_server(backend: Path, artifacts: Path, log: Path, *, proxied: bool = True, env: dict | None = None):
+    """A real ``mlflow server`` over the SQLite file ``backend`` on a free loopback port; yields its URI.
+
+    ``proxied``: artifacts served by the server (``--artifacts-destination``), else ``--default-artifact-root``.
+    Started in its own session and stopped by process group, so the CLI's job-runner child goes too.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    from detloop.core.env import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{backend}",
+            "--artifacts-destination" if proxied else "--default-artifact-root",
+            str(artifacts),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(uri, proc, "mlflow server", log=log)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def wait_healthy(url: str, proc, what: str, timeout: float = 120.0, log: Path | None = None) -> None:
     """Wait until ``url``/health answers 200; kill ``proc`` and fail with ``what`` (and its log) if it never does."""
     import time

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 from PIL import Image
-from tests.conftest import tiny_overrides, wait_healthy
+from tests.conftest import mlflow_server, tiny_overrides
 
 from detloop.base import run as run_base
 from detloop.core.config import compose
-from detloop.core.env import free_port
 from detloop.finetune import run as run_finetune
 from detloop.gate import run as run_gate
 from detloop.mix import run as run_mix
@@ -74,31 +72,10 @@ def project(tmp_path_factory, tiny_data):
 @pytest.fixture(scope="module")
 def ui(project):
     """``mlflow server`` over the project's SQLite store on a free loopback port."""
-    cfg, base = project
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{base / 'mlruns' / 'mlflow.db'}",
-            "--default-artifact-root",
-            str(base / "mlruns" / "artifacts"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc, "mlflow server")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    _, base = project
+    store = base / "mlruns"
+    with mlflow_server(store / "mlflow.db", store / "artifacts", base / "ui-server.log", proxied=False) as url:
+        yield url
 
 
 def assert_not_blank(png: Path) -> None:

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tests.conftest import tiny_overrides, wait_healthy
+from tests.conftest import mlflow_server, tiny_overrides, wait_healthy
 from tests.mlflow_ui_driver import set_alias_in_ui
 from tests.serving_helpers import anchor_classes, detector_weights, register_detector
 
@@ -39,40 +39,15 @@ def stack(tmp_path_factory, tiny_data):
     """A tracking server that may deliver webhooks to this machine, and a tiny project's data."""
     base = tmp_path_factory.mktemp("ui-moves")
     shutil.copytree(tiny_data, base / "data")
-    port = free_port()
-    env = {
-        **os.environ,
+    webhooks = {
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",  # the receiver (detloop serve) is on 127.0.0.1
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_CACHE_TTL": "1",  # the server caches its webhook list (60 s by default)
     }
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{base / 'server.db'}",
-            "--artifacts-destination",
-            str(base / "artifacts"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(base / "server.log").open("w"),
-        env=env,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    wait_healthy(uri, proc, "mlflow server", log=base / "server.log")
-    names = anchor_classes(base / "data")
-    weights = {hot: detector_weights(base / f"hot{hot}.pt", names, hot_class=hot) for hot in (0, 1)}
-    yield {"uri": uri, "base": base, "weights": weights}
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    with mlflow_server(base / "server.db", base / "artifacts", base / "server.log", env=webhooks) as uri:
+        names = anchor_classes(base / "data")
+        weights = {hot: detector_weights(base / f"hot{hot}.pt", names, hot_class=hot) for hot in (0, 1)}
+        yield {"uri": uri, "base": base, "weights": weights}
 
 
 def get(url: str) -> dict:
