@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 OPENCV := opencv-python-headless==4.14.0.94
 PYTEST_ARGS ?=
 
-.PHONY: install chromium demo test ui lint clean-build
+.PHONY: install chromium demo test test-team team-deps ui lint clean-build
 
 install: $(STAMP)
 
@@ -39,7 +39,20 @@ demo: install
 	@echo "MLflow UI: make ui   (then open http://127.0.0.1:5000)"
 
 test: install chromium
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not team" $(PYTEST_ARGS)
+
+# The team setting's tests (tests/team/, marker `team`): real PostgreSQL, moto S3, an MLflow server with
+# basic auth, two clones, a single-node SLURM. CI runs them after `make test`.
+test-team: install team-deps
+	$(BIN)/python -m pytest -m team $(PYTEST_ARGS)
+
+# Debian's PostgreSQL 15 and SLURM (slurmctld slurmd slurm-client munge) for the team stack.
+team-deps:
+	@test -x /usr/lib/postgresql/15/bin/initdb && command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
+	  echo "installing Debian's postgresql and slurm for the team stack"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    postgresql slurmctld slurmd slurm-client munge >/dev/null; }
 
 # Headless Chromium renders the MLflow UI and the FiftyOne App in the UI tests (Debian package chromium).
 chromium:
@@ -55,3 +68,14 @@ ui: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+
+# The local team stack (PostgreSQL, S3 by moto, MLflow server with basic auth; TEAM_ARGS=--slurm adds SLURM):
+# `make team-up`, then `source build/team/env.sh`; `make team-down` stops every process it started.
+.PHONY: team-up team-down
+TEAM_ARGS ?=
+
+team-up: install
+	$(BIN)/detloop team up $(TEAM_ARGS)
+
+team-down: install
+	$(BIN)/detloop team down

@@ -151,69 +151,71 @@ def log_gate_record(cfg, version: str, run_id: str, tags: dict) -> None:
         mlflow.MlflowClient().log_artifacts(run_id, str(folder), artifact_path="gate")
 
 
+# the basic-auth app's admin login of servers started with mlflow_server(..., auth=True)
+AUTH_ADMIN = ("admin", "detloop-test-admin-password")
+_SERVERS: dict = {}  # uri -> the running server started by mlflow_server (for kill_server)
+
+
+def _auth_env(folder: Path) -> dict[str, str]:
+    """The environment of ``mlflow server --app-name basic-auth``: an ini (users in ``folder/auth.db``,
+    default permission READ, the admin login :data:`AUTH_ADMIN`) and a Flask secret."""
+    ini = folder / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{folder / 'auth.db'}\n"
+        f"admin_username = {AUTH_ADMIN[0]}\n"
+        f"admin_password = {AUTH_ADMIN[1]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 300\n"  # checks each (user, password) once, not PBKDF2 on every request
+    )
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "detloop-test-secret"}
+
+
 @contextlib.contextmanager
-def mlflow_server(backend: Path, artifacts: Path, log: Path, *, proxied: bool = True, env: dict | None = None):
+def mlflow_server(
+    backend: Path, artifacts: Path, log: Path, *, proxied: bool = True, env: dict | None = None, auth: bool = False
+):
     """A real ``mlflow server`` over the SQLite file ``backend`` on a free loopback port; yields its URI.
 
     ``proxied``: artifacts served by the server (``--artifacts-destination``), else ``--default-artifact-root``.
-    Started in its own session and stopped by process group, so the CLI's job-runner child goes too.
+    ``auth``: MLflow's basic-auth app (``--app-name basic-auth``), users kept beside ``log`` (a restart with the
+    same ``log`` folder keeps them), admin login :data:`AUTH_ADMIN`, default permission READ.
+    Started by the team stack's starter (:func:`detloop.team.stack.mlflow_server`): in its own session,
+    stopped by process group, so the CLI's job-runner child goes too (:func:`kill_server` kills it earlier).
     """
-    import signal
-    import subprocess
-    import sys
+    from detloop.team.stack import mlflow_server as running_server
 
-    from detloop.core.env import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{backend}",
-            "--artifacts-destination" if proxied else "--default-artifact-root",
-            str(artifacts),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(uri, proc, "mlflow server", log=log)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    server_env = {**os.environ, **(_auth_env(log.parent) if auth else {}), **(env or {})}
+    app = "basic-auth" if auth else None
+    with running_server(
+        f"sqlite:///{backend}", str(artifacts), log, proxied=proxied, env=server_env, app_name=app
+    ) as server:
+        _SERVERS[server.uri] = server
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            yield server.uri
+        finally:
+            _SERVERS.pop(server.uri, None)
+
+
+def kill_server(uri: str) -> None:
+    """SIGKILL the server that :func:`mlflow_server` started at ``uri`` (its whole process group), now."""
+    import signal
+
+    server = _SERVERS[uri]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.proc.pgid, signal.SIGKILL)
+    if server.popen is not None:
+        server.popen.wait()
 
 
 def wait_healthy(url: str, proc, what: str, timeout: float = 120.0, log: Path | None = None) -> None:
     """Wait until ``url``/health answers 200; kill ``proc`` and fail with ``what`` (and its log) if it never does."""
-    import time
+    from detloop.team.process import wait_healthy as wait
 
-    import requests
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            detail = log.read_text()[-3000:] if log is not None and log.is_file() else ""
-            raise RuntimeError(f"{what} exited with {proc.returncode} before answering /health: {detail}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{what} did not answer {url}/health within {timeout:.0f} s")
+    try:
+        wait(url, proc, what, timeout, log)
+    except RuntimeError:
+        if proc.poll() is None:
+            proc.kill()
+        raise

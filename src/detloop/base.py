@@ -12,6 +12,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from detloop.core.config import config_hash, resolve_path
+from detloop.core.errors import MoveConflict
 from detloop.core.stage import hydra_entry, stage_dir
 from detloop.data.datasets import anchor_yaml, count_images
 from detloop.data.manifest import MANIFEST, manifest_hash
@@ -69,17 +70,35 @@ def _tag_and_alias(cfg: DictConfig, version: str, run_id: str, anchor: Path) -> 
         f"(run {run_id}, config {tags['lineage.config_hash']}).",
     )
     in_sweep = runs.SWEEP_TAG in mlflow.get_run(run_id).data.tags
-    if not in_sweep or registry.alias_holder(name, "base") is None:
-        registry.move_alias(cfg, "base", version, why="base stage trained a new base model", decision="base")
-    if registry.alias_holder(name, "production") is None:
-        registry.set_version_tags(name, version, {"decision": "bootstrap"})
-        registry.move_alias(
+    why = "base stage trained a new base model"
+    took_base = True
+    if not in_sweep:
+        registry.move_alias(cfg, "base", version, why=why, decision="base")
+    elif registry.alias_holder(name, "base") is None:  # a sweep: the first job to finish takes it
+        took_base = _take_if_free(cfg, "base", version, why=why, decision="base")
+    # a sweep into an empty registry: the job that took base bootstraps production too (one first model)
+    if took_base and registry.alias_holder(name, "production") is None:
+        _take_if_free(
             cfg,
             "production",
             version,
             why="bootstrap: first registered model, no production version yet",
             decision="bootstrap",
+            version_tags={"decision": "bootstrap"},
         )
+
+
+def _take_if_free(cfg: DictConfig, alias: str, version: str, **move) -> bool:
+    """Give ``alias`` to ``version`` only while nobody holds it: of parallel jobs (a sweep) exactly one takes it.
+
+    Returns whether this one did.
+    """
+    try:
+        registry.move_alias(cfg, alias, version, expected=None, **move)
+    except MoveConflict as err:
+        log.info("v%s does not take %s: another job took it first (%s)", version, alias, err)
+        return False
+    return True
 
 
 main = hydra_entry(run)

@@ -27,13 +27,17 @@ pytestmark = pytest.mark.integration
 PROMOTE_LOOP = """
 import itertools, sys
 from detloop.core.config import compose
+from detloop.core.errors import MoveConflict
 from detloop.tracking.promotion import promote_version
 from detloop.tracking.runs import setup
 cfg = compose(sys.argv[2:])
 setup(cfg)
 versions = sys.argv[1].split(",")
 for i in itertools.count():
-    promote_version(cfg, versions[i % len(versions)], reviewer="worker", reason=f"loop {i}")
+    try:
+        promote_version(cfg, versions[i % len(versions)], reviewer="worker", reason=f"loop {i}")
+    except MoveConflict:  # the other loop's move won this race (recorded as refused): go on
+        pass
     if i == 1:  # warm: the kill clock starts inside the loop
         print("ready", flush=True)
 """

@@ -5,6 +5,7 @@ base evaluate trigger mix finetune retrain gate promote   the pipeline stages: t
 production | fiftyone                 serving, monitoring, A/B set | inspection and App review
 training                              train a model in one run and register it
 evaluation                            one detection evaluator, the gate rules and report
+team                                  the local team stack (PostgreSQL, S3, MLflow with auth, SLURM) and roles
 tracking                              MLflow runs, the Model Registry, promotion and its audit trail
 model                                 Ultralytics loading and the MLflow pyfunc contract
 data                                  anchor, inbox, review, pool, mix rules, manifests, formats
@@ -27,6 +28,7 @@ LAYERS = {
     "pyfunc": 2.5,  # the registered model's entry: the stable import path of the contract in model/
     "serving_model": 2.6,  # the model-from-code file MLflow runs when it loads a registered version
     "tracking": 3,
+    "team": 3.5,  # the local team stack and the roles: above tracking, below everything that uses MLflow runs
     "evaluation": 4,
     "training": 5,
     "production": 6,

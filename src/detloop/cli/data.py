@@ -1,4 +1,8 @@
-"""Commands on the data: demo data, anchor import, the inbox, file-based review and the pool status."""
+"""Commands on the data: demo data, anchor import, the inbox, file-based review, the pool status and push.
+
+Commands that change the pool push the new data version to DVC's default remote afterwards
+(:mod:`detloop.data.remote`); exit code 4 when that push failed (the change itself is complete and kept).
+"""
 
 from __future__ import annotations
 
@@ -29,9 +33,12 @@ def cmd_anchor_import(args) -> int:
 
 def cmd_inbox_add(args) -> int:
     from detloop.data.inbox import add_to_inbox
+    from detloop.data.remote import data_change
 
     labels = Path(args.labels) if args.labels else None
-    result = add_to_inbox(Path(args.path), compose_args(args), labels=labels, note=args.note)
+    cfg = compose_args(args)
+    with data_change(cfg, "inbox add", push_after=False) as change:  # the next review's push carries the inbox
+        result = add_to_inbox(Path(args.path), cfg, labels=labels, note=args.note)
     counts = result["counts"]
     print(
         f"inbox {result['inbox']}: accepted {counts['accepted']} ({counts['with_labels']} with proposed labels), "
@@ -39,10 +46,13 @@ def cmd_inbox_add(args) -> int:
     )
     for item in result["refused"]:
         print(f"refused {item['path']}: {item['reason']}", file=sys.stderr)
+    for line in change.lines():
+        print(line)
     return BadInput.exit_code if result["refused"] else 0
 
 
 def cmd_review(args) -> int:
+    from detloop.data.remote import data_change
     from detloop.data.review import inbox_ids, review
 
     ids, args.overrides = split_overrides(args.items)
@@ -59,27 +69,46 @@ def cmd_review(args) -> int:
             raise BadInput("the inbox is empty: nothing to review")
     labels = Path(args.labels) if args.labels else None
     try:
-        result = review(cfg, args.decision, ids, args.reviewer, labels_dir=labels, reason=args.reason)
+        with data_change(cfg, f"review {args.decision}") as change:  # rejections are review records too: pushed
+            result = review(cfg, args.decision, ids, args.reviewer, labels_dir=labels, reason=args.reason)
     except RuntimeError as err:  # dvc add failed after a complete review
         print(f"error: {err}", file=sys.stderr)
         return 1
     verb = "accepted into the pool" if args.decision == "accept" else "rejected"
     print(f"{len(result['ids'])} sample(s) {verb} by {result['reviewer']}: {' '.join(result['ids'])}")
     print(f"pool: {result['pool_size']} verified samples; inbox: {result['inbox_size']} awaiting review")
-    return 0
+    for line in change.lines():
+        print(line)
+    return change.exit_code()
 
 
 def cmd_pool_status(args) -> int:
-    from detloop.data import pool
+    from detloop.data import pool, remote
     from detloop.tracking import oversight, runs
 
     cfg = compose_args(args)
+    pushed = remote.remote_status(cfg)  # retries an owed push first
     runs.setup(cfg)
     oversight.watch(cfg)  # moves made in the MLflow UI are in the audit trail before anything reads it
     status = pool.trigger_status(cfg, registry.last_finetune_from_registry(cfg))
     retrain = pool.retrain_status(cfg, registry.last_base_from_registry(cfg))
     if args.json:
-        print(json.dumps(pool.status_report(cfg, status, retrain), indent=2, sort_keys=True))
+        print(json.dumps({**pool.status_report(cfg, status, retrain), "remote": pushed}, indent=2, sort_keys=True))
     else:
-        print(pool.format_status(cfg, status, retrain))
+        print("\n".join([pool.format_status(cfg, status, retrain), *remote.format_remote_status(pushed)]))
     return 0
+
+
+def cmd_pool_push(args) -> int:
+    """``detloop pool push``: push the current data version (and any owed one) to DVC's default remote now."""
+    from detloop.data import remote
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise BadInput(f"--timeout {args.timeout:g}: seconds > 0 (leave it out for no limit)")
+    cfg = compose_args(args)
+    plan = remote.plan_push(cfg, required="detloop pool push")
+    result = remote.push(plan, "pool push", args.timeout)
+    print(result.summary())
+    if result.still_owed:
+        print(f"still owed: {' '.join(result.still_owed)}", file=sys.stderr)
+    return 0 if result.ok else remote.PUSH_FAILED_EXIT

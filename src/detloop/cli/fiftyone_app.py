@@ -124,8 +124,11 @@ def cmd_review_app(args, ids: list[str]) -> int:
         if getattr(args, "app", False):
             launch_app(cfg, dataset)
     elif args.decision == "commit":
+        from detloop.data.remote import data_change
+
         connect(cfg)
-        result = review.commit(cfg, args.reviewer)
+        with data_change(cfg, "review commit") as change:  # one push for the whole commit, after it
+            result = review.commit(cfg, args.reviewer)
         print(
             f"{len(result['accepted'])} sample(s) accepted into the pool and {len(result['rejected'])} rejected "
             f"by {result['reviewer']}; {result['waiting_in_app']} untagged sample(s) wait in the inbox"
@@ -133,6 +136,9 @@ def cmd_review_app(args, ids: list[str]) -> int:
         for kind, found in result["finished_interrupted"].items():
             if found:
                 print(f"finished an interrupted review ({kind}): {' '.join(found)}", file=sys.stderr)
+        for line in change.lines():
+            print(line)
+        return change.exit_code()
     else:
         connect(cfg)
         key = review.request_annotation(cfg, review.review_dataset(cfg))

@@ -1,6 +1,8 @@
 """``detloop``: the operational commands. Each accepts Hydra ``key=value`` overrides.
 
-Exit codes: 0 success; 2 bad input (nothing changed); 3 tracking store unreachable; 1 other failures.
+Exit codes: 0 success; 2 bad input or an alias move refused because another one won (nothing changed);
+3 tracking store unreachable or gone away, or the MLflow server refused the user; 4 the data change is
+complete but its push to the DVC remote failed (owed, retried by the next command); 1 other failures.
 """
 
 from __future__ import annotations
@@ -10,9 +12,16 @@ import logging
 import sys
 
 from detloop.cli.common import OVERRIDES_HELP
-from detloop.cli.data import cmd_anchor_import, cmd_demo_data, cmd_inbox_add, cmd_pool_status, cmd_review
+from detloop.cli.data import (
+    cmd_anchor_import,
+    cmd_demo_data,
+    cmd_inbox_add,
+    cmd_pool_push,
+    cmd_pool_status,
+    cmd_review,
+)
 from detloop.cli.registry import cmd_promote, cmd_registry, cmd_rollback
-from detloop.core.errors import BadInput, TrackingUnavailable
+from detloop.core.failures import report
 
 log = logging.getLogger("detloop")
 
@@ -61,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     from detloop.cli.fiftyone_app import add_inspect_parser
 
     add_inspect_parser(sub, OVERRIDES_HELP)
+    from detloop.cli.team import add_team_parsers
+
+    add_team_parsers(sub, OVERRIDES_HELP)
     return parser
 
 
@@ -109,6 +121,16 @@ def _add_loop_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_pool_status)
+    p = pool_sub.add_parser(
+        "push",
+        help="push the current data version (and any owed one) to DVC's default remote now; exit 4 if it fails",
+        description="`dvc push data.dvc` to DVC's default remote (dvc remote default), whatever pool.push.mode "
+        "says, then any data version still owed from a failed push (from the local DVC cache). Exit 2 when the data "
+        "is not tracked by DVC or there is no default remote; exit 4 when the push fails (it stays owed).",
+    )
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the push after SECONDS (default: no limit)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_pool_push)
 
 
 def _add_decision_parsers(sub) -> None:
@@ -118,7 +140,9 @@ def _add_decision_parsers(sub) -> None:
         help="give a version an alias (default production) after human review; needs the gate's record",
         description="Give VERSION an alias in one atomic registry call, recorded with reviewer and reason. "
         "Refuses (exit 2) a version without a gate record (tag gate.decision) or one the gate rejected, "
-        "unless --force (recorded as forced). 'base' only goes to a base model.",
+        "unless --force (recorded as forced). 'base' only goes to a base model. Two people promoting at once: "
+        "exactly one wins; the other is refused (exit 2, nothing moved, recorded as refused) and told who holds "
+        "or is moving the alias. Exit 3 when the tracking server refuses the user (permission) or stops answering.",
     )
     p.add_argument("version", help="the registered model version, e.g. 3 (see detloop registry)")
     p.add_argument("--reviewer", required=True, help="who decides (recorded)")
@@ -169,12 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         return args.func(args)
-    except BadInput as err:
-        print(f"error: {err.render()}", file=sys.stderr)
-        return BadInput.exit_code
-    except TrackingUnavailable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+    except Exception as err:  # detloop errors and MLflow refusals / a lost server: one message, no traceback
+        code = report(err, lambda fmt, text: print(f"error: {text}", file=sys.stderr))
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

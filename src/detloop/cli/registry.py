@@ -49,7 +49,8 @@ def cmd_registry(args) -> int:
 
 
 def format_move(move: dict) -> str:
-    """One audit record: time, alias, from -> to, who, decision, why (and forced / interrupted marks)."""
+    """One audit record: time, alias, from -> to, who, decision, why (and forced / interrupted / refused marks;
+    a move refused because another won, or by the server, says why)."""
     target = f"v{move['to_version']}" if move["to_version"] else "-"
     marks = "".join(
         [
@@ -60,18 +61,21 @@ def format_move(move: dict) -> str:
             f" [{move['state']}]" if move.get("state", "done") != "done" else "",
         ]
     )
+    refusal = f" -- refused: {move['refusal']}" if move.get("refusal") else ""
     return (
         f"{move['time']}  {move['alias']:<10} v{move['from_version'] or '-'} -> {target}"
-        f"  by {move['who']} ({move['decision']}){marks}: {move['why']}"
+        f"  by {move['who']} ({move['decision']}){marks}: {move['why']}{refusal}"
     )
 
 
 def cmd_promote(args) -> int:
+    from detloop.team.access import require_manage
     from detloop.tracking import runs
     from detloop.tracking.promotion import promote_version
 
     cfg = compose_args(args)
     runs.setup(cfg)
+    require_manage(cfg, f"detloop promote (a human decision on {args.alias})")  # a reviewer's, on a shared server
     result = promote_version(
         cfg, args.version, reviewer=args.reviewer, reason=args.reason, force=args.force, alias=args.alias
     )
@@ -86,11 +90,13 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
+    from detloop.team.access import require_manage
     from detloop.tracking import runs
     from detloop.tracking.promotion import rollback
 
     cfg = compose_args(args)
     runs.setup(cfg)
+    require_manage(cfg, "detloop rollback (a human decision on production)")  # a reviewer's, on a shared server
     result = rollback(cfg, to=args.to, reviewer=args.reviewer, reason=args.reason)
     print(f"production: v{result['from']} -> v{result['to']} (rollback) by {result['reviewer']}: {result['reason']}")
     print(f"v{result['from']} is tagged rolled_back=true and stays registered")

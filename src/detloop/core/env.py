@@ -1,9 +1,10 @@
 """Process environment for offline, quiet, project-contained runs.
 
 Runs on ``import detloop``, before Ultralytics, MLflow, FiftyOne or DVC are imported: it points
-Ultralytics at a project-owned config dir with a local font (so plots never try a download) and
-switches telemetry off. Values the user already set in the environment win. Ultralytics' own
-settings (its MLflow callback off) are applied in :mod:`detloop.model.yolo`, where it is imported.
+Ultralytics at a project-owned config dir with a local font (so plots never try a download),
+switches telemetry off and bounds MLflow's HTTP retries (:data:`TRACKING_HTTP`). Values the user
+already set in the environment win. Ultralytics' own settings (its MLflow callback off) are applied
+in :mod:`detloop.model.yolo`, where it is imported.
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ TELEMETRY_OFF = {
     "DVC_NO_ANALYTICS": "1",
     "HYDRA_FULL_ERROR": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+# MLflow retries a failed HTTP request 7 times with backoff factor 2 (about four minutes) and waits up to
+# 120 s for each answer, so a tracking server that went away would stall a stage for minutes. detloop
+# fails fast instead (exit 3, TrackingUnavailable naming the URI): 3 retries after 0, 2 and 4 s (+ jitter,
+# under 10 s in all) and 30 s per request. Set the variables yourself to tolerate longer outages.
+TRACKING_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 
@@ -57,9 +68,9 @@ def _install_font(config_dir: Path) -> None:
 
 
 def prepare_environment(root: Path | None = None) -> Path:
-    """Set telemetry-off variables and a project-owned ``YOLO_CONFIG_DIR``; return the root."""
+    """Set telemetry-off variables, MLflow's HTTP retries and a project-owned ``YOLO_CONFIG_DIR``; return the root."""
     root = root or project_root()
-    for key, value in TELEMETRY_OFF.items():
+    for key, value in {**TELEMETRY_OFF, **TRACKING_HTTP}.items():
         os.environ.setdefault(key, value)
     if "YOLO_CONFIG_DIR" not in os.environ:
         config_dir = root / "build" / "ultralytics"

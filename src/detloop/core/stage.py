@@ -11,7 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from detloop.core.config import CONFIG_NAME, conf_dir, resolve_path
-from detloop.core.errors import BadInput, TrackingUnavailable
+from detloop.core.errors import BadInput
+from detloop.core.failures import report
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 def hydra_entry(run: Callable[[DictConfig], dict]) -> Callable[[], None]:
     """A ``main()`` for ``python -m detloop.<stage> [key=value ...] [-m]`` that calls ``run(cfg)``.
 
-    Bad input exits 2 (nothing changed); an unreachable tracking store exits 3.
+    Bad input and a refused alias move exit 2 (nothing changed); a tracking store that is unreachable,
+    goes away during the stage or refuses the user (MLflow HTTP 403/401) exits 3. Each is one message,
+    no traceback (:func:`detloop.core.failures.report`).
     """
     import hydra
 
@@ -27,12 +30,11 @@ def hydra_entry(run: Callable[[DictConfig], dict]) -> Callable[[], None]:
     def _main(cfg: DictConfig) -> float | None:
         try:
             result = run(cfg)
-        except BadInput as err:
-            log.error("%s", err.render())
-            sys.exit(BadInput.exit_code)
-        except TrackingUnavailable as err:
-            log.error("%s", err)
-            sys.exit(3)
+        except Exception as err:
+            code = report(err, log.error)
+            if code is None:
+                raise
+            sys.exit(code)
         objective = (result or {}).get("objective")
         return float(objective) if objective is not None else None
 

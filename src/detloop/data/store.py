@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -66,26 +67,58 @@ def locked(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+@dataclass(frozen=True)
+class DvcData:
+    """The data folder as DVC tracks it: the project root, the folder relative to it and its ``.dvc`` file."""
+
+    root: Path
+    relative: str  # e.g. "data"
+    dvc_file: Path  # e.g. <root>/data.dvc
+
+    def version(self) -> str | None:
+        """The md5 that the ``.dvc`` file records now (``<hex>.dir``), or None when it has none."""
+        if not self.dvc_file.is_file():
+            return None
+        return _dvc_md5(self.dvc_file) or None
+
+
+def dvc_data(cfg: DictConfig, skipped: str | None = None) -> DvcData | None:
+    """``paths.data`` as DVC tracks it, or None when it is outside the project (e.g. tests with temporary
+    data) or has no ``.dvc`` file in the project root; then the reason is logged after ``skipped`` (at
+    INFO; at DEBUG without ``skipped``)."""
+    level, what = (logging.INFO, skipped) if skipped else (logging.DEBUG, "not tracked by DVC")
+    root = project_root().resolve()
+    data = resolve_path(cfg, "data").resolve()
+    if not data.is_relative_to(root) or data == root:
+        log.log(level, "%s: %s is not a folder inside the project %s", what, data, root)
+        return None
+    relative = data.relative_to(root).as_posix()
+    dvc_file = root / f"{relative}.dvc"
+    if not dvc_file.is_file():
+        log.log(level, "%s: %s does not exist (not tracked by DVC)", what, dvc_file)
+        return None
+    return DvcData(root, relative, dvc_file)
+
+
 def record_data_version(cfg: DictConfig) -> str | None:
     """``dvc add <paths.data>`` when the project tracks that folder (``<data>.dvc`` in the project root).
 
     Returns the new md5 recorded in the .dvc file, or None when skipped (data outside the project,
     e.g. tests with temporary data, or no .dvc file). Raises RuntimeError when dvc fails: the data
-    change itself is complete; the message says how to record the version by hand.
+    change itself is complete; the message says how to record the version by hand. Waits for DVC's
+    lock when another DVC process (a push of the previous version) holds it.
     """
-    root = project_root().resolve()
-    data = resolve_path(cfg, "data").resolve()
-    if not data.is_relative_to(root) or data == root:
-        log.info("data version not recorded: %s is not a folder inside the project %s", data, root)
+    target = dvc_data(cfg, skipped="data version not recorded")
+    if target is None:
         return None
-    relative = data.relative_to(root).as_posix()
-    dvc_file = root / f"{relative}.dvc"
-    if not dvc_file.is_file():
-        log.info("data version not recorded: %s does not exist (not tracked by DVC)", dvc_file)
-        return None
+    root, relative = target.root, target.relative
     log.info("recording the new data version: dvc add %s (in %s)", relative, root)
     done = subprocess.run(
-        [sys.executable, "-m", "dvc", "add", "-q", relative], cwd=root, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "dvc", "--wait-for-lock", "add", "-q", relative],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(
@@ -93,8 +126,8 @@ def record_data_version(cfg: DictConfig) -> str | None:
             f"{(done.stderr or done.stdout).strip()}\nthe data change is complete; "
             f"record it by hand: cd {root} && dvc add {relative}"
         )
-    md5 = _dvc_md5(dvc_file)
-    log.info("data version %s recorded in %s", md5, dvc_file.name)
+    md5 = _dvc_md5(target.dvc_file)
+    log.info("data version %s recorded in %s", md5, target.dvc_file.name)
     return md5
 
 

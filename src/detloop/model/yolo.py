@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import platform
+import shutil
+import subprocess
 from pathlib import Path
 
 import detloop  # noqa: F401  (sets YOLO_CONFIG_DIR and telemetry variables before Ultralytics loads)
@@ -70,35 +74,115 @@ def load_model(spec: str | Path):
     return ultralytics().YOLO(str(path) if path.exists() else spec)
 
 
-def device_info() -> dict[str, str]:
-    """What a run trained on: GPU names and memory when CUDA is present, else the CPU."""
-    import os
+def device_info(device: str | None = None) -> dict[str, str]:
+    """What a run uses, as ``device.*`` tags (plus ``device``: ``cpu``, ``cuda:0`` or ``cuda:0,1``).
 
+    ``device`` is named as Ultralytics names it (``cpu``, ``0``, ``0,1``, ``cuda:0``); None means every
+    visible GPU, else the CPU. GPUs: names, memory, CUDA runtime, cuDNN and driver versions. Always the
+    CPU model, cores and torch threads; on the CPU also ``device.amp=false`` (Ultralytics never uses AMP
+    there). Never fails on a CPU-only machine.
+    """
     import torch
 
-    info = {"device.torch": torch.__version__, "device.cuda_available": str(torch.cuda.is_available())}
+    info = {
+        "device.torch": torch.__version__,
+        "device.cuda_available": str(torch.cuda.is_available()),
+        "device.cpu": _cpu_model(),
+        "device.cpu_count": str(os.cpu_count()),
+        "device.threads": str(torch.get_num_threads()),
+    }
     if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        props = [torch.cuda.get_device_properties(i) for i in range(count)]
         info.update(
             {
+                "device.visible_count": str(torch.cuda.device_count()),
+                "device.cuda": str(torch.version.cuda or torch.version.hip or ""),
+                "device.cudnn": str(torch.backends.cudnn.version() or ""),
+                "device.driver": _driver_version(),
+            }
+        )
+    indices = _cuda_indices(device)
+    if indices:
+        props = [torch.cuda.get_device_properties(i) for i in indices]
+        info.update(
+            {
+                "device": "cuda:" + ",".join(str(i) for i in indices),
                 "device.type": "cuda",
-                "device.count": str(count),
+                "device.count": str(len(indices)),
                 "device.name": ", ".join(p.name for p in props),
                 "device.memory_gb": ", ".join(f"{p.total_memory / 1e9:.1f}" for p in props),
             }
         )
     else:
+        kind = "mps" if str(device or "").startswith("mps") else "cpu"  # Apple's GPU shares the CPU's memory
         info.update(
             {
-                "device.type": "cpu",
+                "device": kind,
+                "device.type": kind,
                 "device.count": "1",
-                "device.name": platform.processor() or platform.machine(),
-                "device.cpu_count": str(os.cpu_count()),
+                "device.name": info["device.cpu"],
                 "device.memory_gb": f"{_total_memory_gb():.1f}",
+                "device.amp": "false",
             }
         )
     return info
+
+
+def _cuda_indices(device: str | None) -> list[int]:
+    """The visible CUDA indices ``device`` names (every one for None; none for the CPU or without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    if device is None:
+        return list(range(count))
+    text = str(device).lower().replace("cuda:", "").replace(" ", "")
+    if text in ("", "cuda"):
+        return [torch.cuda.current_device()]
+    return [int(part) for part in text.split(",") if part.isdigit() and int(part) < count]
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver version from ``nvidia-smi``, else from ``pynvml`` if installed ('unknown' otherwise)."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as err:
+            log.debug("nvidia-smi gave no driver version: %s", err)
+        else:
+            versions = sorted({line.strip() for line in out.splitlines() if line.strip()})
+            if versions:
+                return ", ".join(versions)
+    try:
+        import pynvml
+    except ImportError:
+        return "unknown"
+    try:
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as err:  # pynvml raises its own NVMLError family (no driver, no library)
+        log.debug("pynvml gave no driver version: %s", err)
+        return "unknown"
+    return version.decode() if isinstance(version, bytes) else str(version)
 
 
 def _total_memory_gb() -> float:
@@ -108,3 +192,65 @@ def _total_memory_gb() -> float:
         return psutil.virtual_memory().total / 1e9
     except ImportError:
         return 0.0
+
+
+# ------------------------------------------------------------------ what an Ultralytics training used
+
+
+def trained_on(trainer) -> str:
+    """The device of an Ultralytics trainer as :func:`device_info` takes it: ``cpu`` (or ``mps``), or the
+    CUDA indices of every rank (``0`` or, in a DDP worker, the whole ``0,1``)."""
+    device = trainer.device
+    if device.type != "cuda":
+        return device.type
+    requested = str(getattr(trainer.args, "device", "") or "")
+    if getattr(trainer, "world_size", 0) > 1 and "," in requested:
+        return requested
+    return str(device.index) if device.index is not None else ""
+
+
+def training_device_info(trainer) -> dict[str, str]:
+    """:func:`device_info` of the devices a trainer uses, with AMP as it actually runs (``trainer.amp``
+    after Ultralytics' own check: ``false`` on the CPU or when the check failed, ``bf16`` or ``true``)."""
+    info = device_info(trained_on(trainer))
+    amp = bool(getattr(trainer, "amp", False))
+    info["device.amp"] = ("bf16" if str(trainer.args.amp) == "bf16" else "true") if amp else "false"
+    info["device.world_size"] = str(max(int(getattr(trainer, "world_size", 1) or 1), 1))
+    return info
+
+
+def reset_peak_memory(trainer) -> None:
+    """Start counting this process's peak GPU memory from here (nothing on the CPU)."""
+    import torch
+
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+
+
+def peak_memory_gb(trainer) -> dict[int, float]:
+    """This process's peak allocated memory on its training GPU, ``{cuda index: GB}`` ({} on the CPU)."""
+    import torch
+
+    device = trainer.device
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {index: torch.cuda.max_memory_allocated(device) / 1e9}
+
+
+def merge_ranks(local: dict[int, float]) -> dict[int, float]:
+    """Every DDP rank's ``local`` figures merged (the largest per key); ``local`` itself outside DDP.
+
+    A collective inside an initialised process group: every rank must call it at the same point.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return dict(local)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    merged: dict[int, float] = {}
+    for part in gathered:
+        for key, value in (part or {}).items():
+            merged[key] = max(value, merged.get(key, value))
+    return merged

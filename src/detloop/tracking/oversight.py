@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 
 from omegaconf import DictConfig
 
-from detloop.core.errors import BadInput
-from detloop.tracking import records, registry
+from detloop.core.errors import BadInput, MoveConflict, PermissionRefused
+from detloop.tracking import inflight, records, registry
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,12 @@ def watch(
 ) -> list[dict]:
     """Record every alias move detloop did not make and apply the policy; returns what was found.
 
-    A move in flight (an audit run of that alias opened less than ``promote.ui_moves.settle_seconds``
-    ago) is left alone this time. ``event`` is a verified webhook delivery (its time and id are
-    recorded). Safe to call from many processes: a difference already recorded is not recorded twice.
+    A move in flight (:func:`registry.move_in_flight`: its process still runs, or, from another host, it
+    opened less than ``promote.ui_moves.settle_seconds`` ago) is left alone this time. ``event`` is a
+    verified webhook delivery (its time and id are recorded). Safe to call from many processes: a
+    difference already recorded is not recorded twice, and of two processes putting a holder back (policy
+    ``enforce``) one does it and the other leaves it. A user the server refuses to let write the audit trail
+    gets a warning, not an error (read-only commands work).
     """
     rule = policy(cfg)
     name = cfg.mlflow.registered_model
@@ -120,7 +123,12 @@ def watch(
         if holder == (recorded or ""):
             continue
         adopted = recorded is None  # the trail never recorded this alias: a registry detloop starts to watch
-        found.append(_record_external(cfg, alias, recorded or "", holder, moves, rule, seen_by, event, adopted))
+        try:
+            entry = _record_external(cfg, alias, recorded or "", holder, moves, rule, seen_by, event, adopted)
+        except PermissionRefused as err:  # e.g. a READ-only user's `detloop registry`: someone who may records it
+            log.warning("%s moved outside detloop (v%s -> v%s), not recorded: %s", alias, recorded or "-", holder, err)
+            continue
+        found.extend([entry] if entry else [])
         moves = registry.history(cfg)
     return found
 
@@ -135,7 +143,8 @@ def _record_external(
     seen_by: str,
     event,
     adopted: bool = False,
-) -> dict:
+) -> dict | None:
+    """Record one move made outside detloop and apply the policy; None when another process recorded it first."""
     allowed, status, why = check_target(cfg, alias, holder, moves)
     if adopted and not allowed:  # nothing to put back: the first holder the trail sees is kept, with a warning
         log.warning("WARNING: %s is held by v%s, which %s; the audit trail starts here", alias, holder, why)
@@ -150,6 +159,7 @@ def _record_external(
         "audit.policy": rule,
         "audit.seen_by": seen_by,
         "audit.refused": str(refused).lower(),
+        inflight.OWNER_TAG: inflight.process_identity(),  # another process recording it at once: one record
     }
     if event:
         tags["audit.webhook_delivery"] = str(event.get("delivery_id", ""))
@@ -158,6 +168,9 @@ def _record_external(
     run_id = registry.record_move(
         cfg, alias, recorded or None, holder, why=note, who=who, decision=EXTERNAL, figures=None, tags=tags
     )
+    if registry.recorded_elsewhere(cfg, alias, run_id, holder):  # another process watching at the same time
+        log.info("%s moved outside detloop to %s: recorded by another detloop process", alias, shown)
+        return None
     registry.client().set_terminated(run_id, "FINISHED")  # it happened: the registry shows it
     entry = {
         "alias": alias,
@@ -186,10 +199,15 @@ def _record_external(
     reason = f"refused a move outside detloop to {shown}: {why} (promote.ui_moves.policy=enforce)"
     who_back = "detloop (promote.ui_moves.policy=enforce)"
     tags = {"audit.refused_version": holder}
-    if back:
-        registry.move_alias(cfg, alias, back, why=reason, who=who_back, decision=REVERT, tags=tags)
-    else:
-        registry.clear_alias(cfg, alias, why=reason, who=who_back, decision=REVERT)
+    try:
+        if back:
+            registry.move_alias(
+                cfg, alias, back, why=reason, who=who_back, decision=REVERT, tags=tags, expected=holder or None
+            )
+        else:
+            registry.clear_alias(cfg, alias, why=reason, who=who_back, decision=REVERT, expected=holder or None)
+    except MoveConflict as err:  # another process puts it back (or moves it) right now: that move stands
+        log.warning("%s not put back here: %s", alias, err)
     if holder:
         registry.set_version_tags(cfg.mlflow.registered_model, holder, {f"refused.{alias}": when})
     return entry

@@ -28,7 +28,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from detloop.core.errors import BadInput
+from detloop.core.errors import BadInput, MoveConflict
 from detloop.tracking import oversight, records, registry
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ def promote_version(
     Refuses (BadInput, nothing changed) a version without the gate's record (tag ``gate.decision``)
     or one the gate rejected, unless ``force``; a forced promotion is recorded (``audit.forced=true``
     on the audit run, ``forced_promotion=true`` on the version). ``base`` only goes to ``kind=base``.
+    Refuses (MoveConflict, exit 2, nothing changed, the attempt recorded as refused) when another move
+    of ``alias`` is in flight or its holder changed after this call read it: two people promoting at
+    once, exactly one wins and the other is told who holds or moves the alias.
     """
     reviewer, reason = _required(reviewer, "--reviewer"), _required(reason, "--reason")
     if alias not in registry.ALIASES:
@@ -128,7 +131,6 @@ def promote_version(
         new_tags["rollback_to"] = holder
     if forced:
         new_tags["forced_promotion"] = "true"
-    registry.set_version_tags(name, version, new_tags)
     audit = {"audit.kind": kind, "audit.gate_decision": gated or "", **({"audit.forced": "true"} if forced else {})}
     previous = registry.move_alias(
         cfg,
@@ -139,7 +141,12 @@ def promote_version(
         decision="promote",
         figures=gate_figures(proof.figures),
         tags=audit,
+        expected=holder,  # the decision was made against this holder: refused (MoveConflict) if it changed
+        version_tags=new_tags,  # only once the move may go ahead
     )
+    if previous == version:  # someone else gave it the alias in the meantime
+        log.info("v%s already holds %s: nothing changed", version, alias)
+        return {"alias": alias, "from": previous, "to": version, "moved": False, "forced": False}
     if alias == "production":
         took_production(cfg, version)
         clear_staging_of(cfg, version, who=reviewer, why=reason, decision="promote")
@@ -211,7 +218,14 @@ def rollback(cfg: DictConfig, *, to: str | None = None, reviewer: str | None = N
                 [f"to ship it, promote it: detloop promote {target} --reviewer NAME --reason TEXT"],
             )
     registry.move_alias(
-        cfg, "production", target, why=reason, who=reviewer, decision="rollback", tags={"audit.rolled_back": current}
+        cfg,
+        "production",
+        target,
+        why=reason,
+        who=reviewer,
+        decision="rollback",
+        tags={"audit.rolled_back": current},
+        expected=current,
     )
     registry.set_version_tags(name, current, {"rolled_back": "true"})
     took_production(cfg, target)
@@ -221,7 +235,12 @@ def rollback(cfg: DictConfig, *, to: str | None = None, reviewer: str | None = N
 def clear_staging_of(cfg: DictConfig, version: str, *, who: str | None, why: str, decision: str) -> None:
     """A version that went to production no longer waits in ``staging``."""
     if registry.alias_holder(cfg.mlflow.registered_model, "staging") == version:
-        registry.clear_alias(cfg, "staging", why=f"v{version} took production: {why}", who=who, decision=decision)
+        try:
+            registry.clear_alias(
+                cfg, "staging", why=f"v{version} took production: {why}", who=who, decision=decision, expected=version
+            )
+        except MoveConflict as err:  # someone else moves staging right now: theirs stands
+            log.warning("staging left as it is: %s", err)
 
 
 DECISIONS = ("pass", "review", "reject")
@@ -328,8 +347,6 @@ def apply_decision(cfg: DictConfig, gate: GateDecision) -> dict:
     if tags.get("rolled_back") == "true":
         log.warning("v%s was rolled back before: %s is not moved to it automatically", version, alias)
         return {**result, "alias": None}
-    if alias == "production" and holder:
-        registry.set_version_tags(name, version, {"rollback_to": holder})  # before the move: crash-safe
     why = f"gate {gate.decision}" + (f": {gate.summary.splitlines()[0]}" if gate.summary else "")
     numeric = {k: float(v) for k, v in gate.figures.items() if type(v) in (int, float) and ".per_class." not in k}
     previous = registry.move_alias(
@@ -340,6 +357,9 @@ def apply_decision(cfg: DictConfig, gate: GateDecision) -> dict:
         decision=gate.decision,
         figures=numeric,
         tags={"audit.kind": gate.kind, "audit.stage": "promote"},  # the stage that acts on gate decisions
+        expected=holder,
+        # set right before the alias call (crash-safe), and only when the move goes ahead
+        version_tags={"rollback_to": holder} if alias == "production" and holder else None,
     )
     if alias == "production":
         clear_staging_of(cfg, version, who=None, why=why, decision=gate.decision)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detloop.core.errors import BadInput
 from detloop.core.stage import stage_dir, write_json
+from detloop.data import remote
 from detloop.model.pyfunc import log_detector
 from detloop.model.yolo import load_model
 from detloop.tracking import oversight, records, registry, runs
@@ -40,6 +41,7 @@ def train_and_register(
     """
     out = stage_dir(cfg, stage)
     train_args = OmegaConf.to_container(group.train, resolve=True)
+    remote.push_for_training(cfg, stage)  # the version's lineage.data_dvc_md5 must resolve on other machines
     with runs.stage_run(cfg, stage, experiment_id, run_name=run_name) as run:
         run_id = run.info.run_id
         if tags:
@@ -49,11 +51,11 @@ def train_and_register(
         mlflow.log_params({**params, records.KIND_PARAM: "finetune" if stage == "finetune" else "base"})
         for artifact_path, folder in (artifacts or {}).items():
             mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
-        runs.EpochLogger().attach(model)
+        # by run id from the main rank only: DDP workers run the callbacks too, outside this active run
+        runs.EpochLogger(run_id).attach(model)
         model.train(data=str(data_yaml), project=str(out / "runs"), name=run_id, exist_ok=True, **train_args)
         trainer = model.trainer
-        final = runs.finite_metrics(trainer.metrics or {}, prefix="final/")
-        mlflow.log_metrics(final)
+        final = _final_metrics(run_id, trainer)
         runs.log_training_files(Path(trainer.save_dir))
         info = log_detector(
             trainer.best,
@@ -61,6 +63,18 @@ def train_and_register(
             registered_model_name=cfg.mlflow.registered_model,
         )
     return {"version": str(info.registered_model_version), "run_id": run_id, "final": final}
+
+
+def _final_metrics(run_id: str, trainer) -> dict[str, float]:
+    """The run's ``final/`` metrics: the validation of best.pt as the training process logged it (in DDP
+    a worker; the launching trainer holds no metrics then), else the last epoch's validation (no best.pt).
+    """
+    logged = mlflow.MlflowClient().get_run(run_id).data.metrics
+    final = {key: value for key, value in logged.items() if key.startswith("final/")}
+    if not final:
+        final = runs.finite_metrics(trainer.metrics or {}, prefix="final/")
+        mlflow.log_metrics(final)
+    return final
 
 
 def train_from_scratch(
