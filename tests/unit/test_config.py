@@ -45,3 +45,21 @@ def test_config_hash_changes_with_a_value_and_only_then():
 def test_pool_split_fractions_sum_to_one():
     split = compose([]).pool.split
     assert abs(sum(split.values()) - 1.0) < 1e-9
+
+
+def test_the_team_profile_refuses_to_fall_back_to_the_local_store():
+    import pytest
+
+    from detloop.core.config import compose
+    from detloop.core.errors import BadInput
+    from detloop.tracking.runs import tracking_uri
+
+    # given the team profile without a server URI, then nothing falls back to a local SQLite store
+    with pytest.raises(BadInput) as refused:
+        tracking_uri(compose(["mlflow=server", "mlflow.tracking_uri=null"]))
+    assert "MLFLOW_TRACKING_URI" in refused.value.render()
+    # and with one, every stage and command uses it; the default profile still falls back
+    assert tracking_uri(compose(["mlflow=server", "mlflow.tracking_uri=http://mlflow.example:5000"])) == (
+        "http://mlflow.example:5000"
+    )
+    assert tracking_uri(compose(["mlflow.tracking_uri=null"])).startswith("sqlite:///")

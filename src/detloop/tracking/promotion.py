@@ -20,7 +20,6 @@ Human decisions (``detloop promote`` / ``detloop rollback``) are recorded with w
 
 from __future__ import annotations
 
-import getpass
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +188,7 @@ def rollback(cfg: DictConfig, *, to: str | None = None, reviewer: str | None = N
     stays registered. Refuses (BadInput, nothing changed) when there is no previous version.
     """
     name = cfg.mlflow.registered_model
-    reviewer = (reviewer or "").strip() or getpass.getuser()
+    reviewer = (reviewer or "").strip() or registry.actor()
     reason = (reason or "").strip() or "rollback (no reason given)"
     oversight.watch(cfg)
     registry.reconcile(cfg, "production")

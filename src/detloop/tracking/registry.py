@@ -17,6 +17,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
 from datetime import UTC, datetime
 
 import mlflow
@@ -30,6 +31,12 @@ from detloop.tracking import inflight
 from detloop.tracking.runs import default_artifact_root
 
 log = logging.getLogger(__name__)
+
+
+def actor() -> str:
+    """Who acts when nobody is named: the MLflow user on a server with auth, else the OS user."""
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
 
 ALIASES = ("base", "staging", "production")
 OUTCOME_TAG = "audit.outcome"  # refused: the move was refused before the alias call; duplicate: a record made twice
@@ -199,7 +206,7 @@ def _recorded_move(
         alias,
         previous or "-",
         f"v{version}" if version else "-",
-        who or getpass.getuser(),
+        who or actor(),
         why,
     )
     return previous
@@ -315,7 +322,7 @@ def record_move(
     are logged as metrics; ``tags`` adds audit tags (e.g. ``audit.forced``). ``version`` '' = alias removed.
     """
     c = client()
-    who = who or getpass.getuser()
+    who = who or actor()
     when = datetime.now(UTC).isoformat(timespec="seconds")
     target = f"v{version}" if version else "-"
     all_tags = {

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from detloop.core import failures
 from detloop.core.config import config_hash
 from detloop.core.env import in_project, project_root
-from detloop.core.errors import PermissionRefused, TrackingUnavailable
+from detloop.core.errors import BadInput, PermissionRefused, TrackingUnavailable
 from detloop.tracking.sweep import SWEEP_TAG, parent_run, sweep_folder
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,14 @@ def tracking_uri(cfg: DictConfig, root: Path | None = None) -> str:
     uri = cfg.mlflow.tracking_uri
     if uri:
         return str(uri)
+    if cfg.mlflow.get("require_server"):
+        raise BadInput(
+            "mlflow.require_server=true (the team profile, mlflow=server) needs a tracking server, and none is set",
+            [
+                "MLFLOW_TRACKING_URI: set it to the team's server, e.g. export MLFLOW_TRACKING_URI=https://mlflow.example.org",
+                "or leave the team profile (mlflow=default) to use the project's local SQLite store",
+            ],
+        )
     return f"sqlite:///{_store_dir(cfg, root) / 'mlflow.db'}"
 
 
