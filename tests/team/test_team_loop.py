@@ -27,6 +27,7 @@ import requests
 import yaml
 from tests.conftest import wait_healthy
 from tests.e2e.test_pipeline import copy_working_tree, git, sh
+from tests.serving_helpers import page_bytes
 
 from detloop.core.env import free_port
 
@@ -274,6 +275,34 @@ def test_two_machines_share_data_runs_and_registry_through_the_team_stack(team, 
         wait_for(lambda: served(url) == "1", "serve on A swaps back to v1")
         history = json.loads(sh(clone_b, "detloop", "registry", "--history", "--json", env=login(team, "rita")).stdout)
         assert history
+
+        # the production side and the other ways in work against the server unchanged apart from the URI
+        page = tmp_path / "reported.jpg"
+        page.write_bytes(page_bytes(seed=4242))
+        report = sh(clone_a, "detloop", "report", str(page), "--note", "stamp missed", env=trainer)
+        assert "Traceback" not in report.stderr
+        monitor = sh(clone_a, "detloop", "monitor", "--window-days", "7", check=False, env=trainer)
+        assert monitor.returncode in (0, 1) and "Traceback" not in monitor.stderr, monitor.stderr[-3000:]
+        assert mlflow.search_runs(experiment_names=["detloop-monitor"], output_format="list")
+        inspect = sh(
+            clone_a, "detloop", "inspect", "--model", "production", "--set", "anchor-test", "--json", env=trainer
+        )
+        assert json.loads(inspect.stdout), inspect.stderr[-2000:]
+        sh(clone_a, "detloop", "inspect", "--stop-db", env=trainer)
+        via_mlflow = sh(  # on A, where the base stage ran (B never trained a base: its evaluate refuses)
+            clone_a,
+            "mlflow",
+            "run",
+            ".",
+            "-e",
+            "evaluate",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "detloop",
+            env=trainer,
+        )
+        assert "Traceback" not in via_mlflow.stderr
     finally:
         serve.terminate()
         serve.wait(timeout=30)

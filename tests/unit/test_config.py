@@ -63,3 +63,21 @@ def test_the_team_profile_refuses_to_fall_back_to_the_local_store():
         "http://mlflow.example:5000"
     )
     assert tracking_uri(compose(["mlflow.tracking_uri=null"])).startswith("sqlite:///")
+
+
+def test_an_empty_overrides_argument_as_mlflow_run_passes_it_is_no_override(tmp_path):
+    import subprocess
+    import sys
+
+    from detloop.core.config import compose
+
+    # given MLproject's default `overrides: ""`, which `mlflow run . -e <stage>` passes as one '' argument
+    assert compose(["", "  "]).mlflow.experiment == compose([]).mlflow.experiment
+    done = subprocess.run(
+        [sys.executable, "-m", "detloop.trigger", "", f"paths.build={tmp_path / 'build'}"],
+        capture_output=True,
+        text=True,
+    )
+    # then the stage runs with the other overrides instead of refusing the blank one
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "build" / "trigger" / "state.json").is_file()

@@ -40,7 +40,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), root: Path | None = Non
 
     with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
         try:
-            return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+            # blank arguments carry no override (`mlflow run` passes an empty `overrides` parameter as '')
+            return hydra_compose(config_name=CONFIG_NAME, overrides=[o for o in overrides if o.strip()])
         except (HydraException, OmegaConfBaseException) as err:
             raise BadInput(f"bad config override in {list(overrides)}", [str(err).strip()]) from err
 

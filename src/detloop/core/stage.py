@@ -38,7 +38,13 @@ def hydra_entry(run: Callable[[DictConfig], dict]) -> Callable[[], None]:
         objective = (result or {}).get("objective")
         return float(objective) if objective is not None else None
 
-    return _main
+    def entry() -> None:
+        # `mlflow run . -e <stage>` passes MLproject's empty `overrides` parameter as one empty argument
+        # (''), which Hydra would refuse as an override: blank arguments carry no override, drop them
+        sys.argv[1:] = [arg for arg in sys.argv[1:] if arg.strip()]
+        _main()
+
+    return entry
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
