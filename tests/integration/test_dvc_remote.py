@@ -177,10 +177,12 @@ def listing(repo: Path, md5: str) -> list[dict]:
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file DVC versions under ``folder`` (not the Ultralytics label caches .dvcignore leaves
+    out: a training on the shared tiny data set earlier in the session writes them)."""
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.suffix != ".cache"
     }
 
 
