@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -451,19 +450,11 @@ def _last_push(result: PushResult, target: DvcData) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write through a temporary file and an atomic rename."""
+    """Write through a temporary file and an atomic rename (:func:`detloop.data.review.replace_text`)."""
+    from detloop.data.review import replace_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    replace_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _shown(path: Path) -> str:
