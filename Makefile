@@ -79,3 +79,20 @@ team-up: install
 
 team-down: install
 	$(BIN)/detloop team down
+
+# Label Studio for `detloop review annotate`: the server runs from a virtualenv of its own (build/labelstudio/venv;
+# label-studio pins Django, which stays out of .venv). `make labelstudio` builds it (once, ~1 GB; the tests need it),
+# `make labelstudio-up` starts the server on 127.0.0.1 and `make labelstudio-down` stops it (by pid).
+.PHONY: labelstudio labelstudio-up labelstudio-down
+
+labelstudio: install
+	$(BIN)/detloop annotation install
+
+labelstudio-up: install
+	$(BIN)/detloop annotation up
+
+labelstudio-down: install
+	$(BIN)/detloop annotation down
+
+# the UI test corrects boxes in a real Label Studio (tests/integration/test_labelstudio.py)
+test: labelstudio

@@ -21,7 +21,15 @@ Runs (every fine-tune is deterministic: seed 0, deterministic, workers 0, cpu):
    from the previous step's best.pt (step 1 from base) and trains on the mix of the pool as it stood
    before the next batch arrived (batches 1..k, their val samples, a fresh replay draw per pool version).
 
+7. ``search`` (with ``--search REPO``): the recipe search's staged trial from a project where `dvc repro`
+   ran on the same data (``benchmarks/demo_search.py``'s clone; its base is this base: the same
+   deterministic training), read from that project's registry and measured here.
+
+Every model is measured at the input size it was trained at (as the gate does).
+
     .venv/bin/python benchmarks/forgetting.py --workdir /tmp/detloop-forgetting [--reuse-base]
+    .venv/bin/python benchmarks/forgetting.py --workdir W --reuse-base --no-chain --search /tmp/detloop-search/repo \
+        demo=strong_shift
 
 Writes ``build/benchmarks/forgetting.json`` and prints the table in markdown.
 """
@@ -139,7 +147,8 @@ def measure(weights: Path, cfg: DictConfig, anchor_yaml: Path, holdout: list[Pat
     from ultralytics import YOLO
 
     model = YOLO(str(weights))
-    ev, imgsz = cfg.evaluate, int(cfg.base.train.imgsz)
+    # at the input size the model was trained at (what the gate uses); the base's for base and default recipes
+    ev, imgsz = cfg.evaluate, int(model.overrides.get("imgsz") or cfg.base.train.imgsz)
     metrics = model.val(
         data=str(anchor_yaml),
         split=ev.split,
@@ -165,6 +174,45 @@ def measure(weights: Path, cfg: DictConfig, anchor_yaml: Path, holdout: list[Pat
         "holdout_detection_ignoring_class": agnostic["overall"],
         "holdout_objects": aware["objects"],
         "holdout_images": aware["images"],
+        "imgsz": imgsz,
+    }
+
+
+def search_row(repo: Path, cfg: DictConfig, anchor_yaml: Path, holdout: list[Path], runs: Path) -> dict | None:
+    """The recipe search's staged trial of ``repo`` (a project where `dvc repro` ran on the same data, e.g.
+    ``benchmarks/demo_search.py``'s clone), its weights read from that project's registry and measured here."""
+    import mlflow
+
+    from detloop.model.pyfunc import model_weights
+
+    result = json.loads((repo / "build" / "search" / "result.json").read_text(encoding="utf-8"))
+    if not result.get("searched"):
+        log.info("search: %s", result.get("why"))
+        return None
+    staged = result.get("staged")
+    if not staged:
+        log.info("search: no trial passed every gate")
+        return None
+    store = repo / "mlruns" / "mlflow.db"
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    mlflow.set_registry_uri(f"sqlite:///{store}")
+    weights, _ = model_weights(f"models:/{cfg.mlflow.registered_model}/{staged['version']}", runs / "search-staged")
+    trial = next(t for t in result["trials"] if t["version"] == staged["version"])
+    recipe = ", ".join(
+        f"{k.split('.')[-1]} {v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
+        for k, v in trial["recipe"].items()
+        if v is not None and k != "finetune.replay.pool_repeat"
+    )
+    return {
+        "key": "search",
+        "label": f"recipe search: best of {result['trials_run']} trials (staged v{staged['version']})",
+        "start": "base",
+        "train_pages": "see recipe",
+        "val_pages": "-",
+        "recipe_note": recipe,
+        "train_s": None,
+        "search": {"parent_run_id": result["parent_run_id"], "passing": result["passing"], "trial": trial},
+        **measure(weights, cfg, anchor_yaml, holdout, runs, "search"),
     }
 
 
@@ -215,6 +263,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--base-epochs", type=int, default=BASE_TRAIN["epochs"], help="base training epochs")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: conf/finetune's)")
     parser.add_argument("--output", type=Path, default=OUTPUT, help=f"JSON report (default: {OUTPUT})")
+    parser.add_argument(
+        "--search",
+        type=Path,
+        default=None,
+        help="a project where `dvc repro` ran on the same data (benchmarks/demo_search.py's clone): its recipe "
+        "search's staged trial becomes a row",
+    )
+    parser.add_argument("--no-chain", action="store_true", help="skip the chained fine-tunes")
     parser.add_argument("overrides", nargs="*", help="demo config overrides, e.g. demo.anchor.train=300")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -281,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
             "freeze 0, lr0 0.01, warmup_bias_lr 0.1",
         ),
     ]
-    for k, version in enumerate(pool_versions(cfg, work / "chain"), start=1):
+    for k, version in enumerate([] if args.no_chain else pool_versions(cfg, work / "chain"), start=1):
         plan.append(
             (
                 f"chain-{k}",
@@ -323,6 +379,12 @@ def main(argv: list[str] | None = None) -> dict:
         }
         rows.append(row)
         log.info("%s: %s", key, json.dumps(row))
+
+    if args.search is not None:
+        row = search_row(args.search.resolve(), cfg, anchor_yaml, holdout, runs)
+        if row is not None:
+            rows.insert(2, row)  # after base and the guide's recipe
+            log.info("search: %s", json.dumps(row))
 
     report = {
         "workdir": str(work),

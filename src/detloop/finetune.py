@@ -19,10 +19,12 @@ from omegaconf import DictConfig
 
 from detloop.core.config import config_hash, resolve_path
 from detloop.core.env import project_root
-from detloop.core.stage import hydra_entry, read_json, stage_dir, write_json
+from detloop.core.stage import hydra_entry, job_dir, read_json, stage_dir, write_json
 from detloop.data import pool
 from detloop.data.datasets import anchor_names, write_data_yaml
 from detloop.data.manifest import sha256_file
+from detloop.data.mixing import reweight
+from detloop.evaluation import label_check
 from detloop.model.pyfunc import model_weights
 from detloop.model.yolo import ultralytics
 from detloop.tracking import registry, runs
@@ -33,15 +35,18 @@ log = logging.getLogger(__name__)
 STAGE = "finetune"
 
 
-def mix_yaml(cfg: DictConfig, out: Path) -> Path:
-    """An Ultralytics data yaml over the mix lists, with absolute image paths (written for this run)."""
+def mix_yaml(cfg: DictConfig, out: Path, mix: dict) -> tuple[Path, dict]:
+    """An Ultralytics data yaml over the mix lists, with absolute image paths (written for this run), the
+    train list as ``finetune.replay`` uses it (:func:`detloop.data.mixing.reweight`); returns it and the counts."""
     root = project_root()
     mix_dir = stage_dir(cfg, "mix")
-    splits = {}
+    lines = {}
     for split in ("train", "val"):
-        lines = [ln for ln in (mix_dir / f"{split}.txt").read_text().splitlines() if ln.strip()]
-        splits[split] = [root / ln for ln in lines]
-    return write_data_yaml(out, anchor_names(resolve_path(cfg, "anchor")), splits)
+        lines[split] = [ln for ln in (mix_dir / f"{split}.txt").read_text().splitlines() if ln.strip()]
+    r = cfg.finetune.replay
+    used = reweight(lines["train"], resolve_path(cfg, "pool"), root, r.scale, r.pool_repeat, int(mix["seed"]))
+    splits = {"train": [root / ln for ln in used.pop("train")], "val": [root / ln for ln in lines["val"]]}
+    return write_data_yaml(out, anchor_names(resolve_path(cfg, "anchor")), splits), used
 
 
 def lineage_key(cfg: DictConfig, mix_record: dict) -> dict:
@@ -60,7 +65,8 @@ def _json_sha256(data: dict) -> str:
 
 def run(cfg: DictConfig) -> dict:
     """Fine-tune when the mix is triggered; otherwise record the wait. Returns the registry coordinates."""
-    out = stage_dir(cfg, STAGE)
+    # a sweep's job (a recipe-search trial) writes into its own job folder, never over the stage's DVC outputs
+    out = job_dir() or stage_dir(cfg, STAGE)
     mix = read_json(stage_dir(cfg, "mix") / "mix.json", "the mix (stage mix)")
     if not mix.get("triggered"):
         log.info("no fine-tune: %s", mix.get("trigger"))
@@ -71,23 +77,29 @@ def run(cfg: DictConfig) -> dict:
     experiment_id = runs.setup(cfg)  # an unreachable store fails here, before any work
     base_version = starting_version(cfg)
     name = cfg.mlflow.registered_model
+    data_yaml, used = mix_yaml(cfg, out, mix)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         weights, _ = model_weights(f"models:/{name}/{base_version}", Path(tmp))
+        label_check.before_training(cfg, weights, out, base_version)  # the base's view of the pool labels
         trained = train_and_register(
             cfg,
             ultralytics().YOLO(str(weights)),
             cfg.finetune,
             STAGE,
-            mix_yaml(cfg, out),
+            data_yaml,
             experiment_id=experiment_id,
             run_name=f"finetune from v{base_version}",
-            params={f"mixed.{k}": v for k, v in mix.items() if k not in ("ratios", "trigger_reasons")},
+            params={
+                **{f"mixed.{k}": v for k, v in mix.items() if k not in ("ratios", "trigger_reasons")},
+                "trained.replay_pages": used["replay_kept"],
+                "trained.pool_pages_per_epoch": used["pool"] * int(cfg.finetune.replay.pool_repeat),
+            },
             param_groups=["finetune", "mix"],
             tags={"base_version": base_version, "forced": str(mix["forced"]).lower()},
             artifacts={"mix": stage_dir(cfg, "mix")},
         )
     version, run_id, final = trained["version"], trained["run_id"], trained["final"]
-    _tag(cfg, version, run_id, base_version, mix)
+    _tag(cfg, version, run_id, base_version, {**mix, **used})
     flagged = None if runs.sweep_dir() is not None else pool.consume_performance_flag(cfg, version)
     if flagged is not None:  # the monitor's performance flag is answered by this candidate
         registry.set_version_tags(name, version, {"trigger.performance_flag": flagged})
@@ -104,16 +116,19 @@ def run(cfg: DictConfig) -> dict:
     write_json(out / "metrics.json", final)
     write_json(out / "lineage.json", lineage_key(cfg, mix))
     log.info("registered %s version %s, fine-tuned from base v%s (run %s)", name, version, base_version, run_id)
-    if runs.sweep_dir() is not None:  # every job of a sweep is gated; promote the best passing one by hand
+    if runs.sweep_dir() is not None:  # every job of a sweep is gated (the recipe search's objective)
         from detloop.evaluation.gating import gate_version
+        from detloop.evaluation.recipes import objective
 
         record = gate_version(cfg, version, alias="production")
+        score = objective(record)
+        write_json(out / "trial.json", {**result, "decision": record["decision"], "objective": score})
         return {
             **result,
             "metrics": final,
             "decision": record["decision"],
             "figures": record["figures"],
-            "objective": record["figures"].get("gate.new_samples.detection_rate"),
+            "objective": score,
         }
     return {**result, "metrics": final}
 
@@ -132,12 +147,15 @@ def _tag(cfg: DictConfig, version: str, run_id: str, base_version: str, mix: dic
         }
     )  # the mix's other figures are the run's params (mixed.*)
     registry.set_version_tags(cfg.mlflow.registered_model, version, tags)
+    t, r = cfg.finetune.train, cfg.finetune.replay
+    repeat = f" (x{r.pool_repeat})" if int(r.pool_repeat) > 1 else ""
+    kept = f" ({mix['multiplier']}x)" if mix["replay_kept"] == mix["old_train"] else f" (of {mix['old_train']} drawn)"
     registry.describe(
         cfg,
         version,
-        f"fine-tune of base v{base_version}: {mix['new_train']} pool samples + {mix['old_train']} replayed anchor "
-        f"samples ({mix['multiplier']}x), {cfg.finetune.train.epochs} epochs, lr0 {cfg.finetune.train.lr0}, "
-        f"freeze {cfg.finetune.train.freeze}{' (forced)' if mix['forced'] else ''}; run {run_id}. Awaiting the gates.",
+        f"fine-tune of base v{base_version}: {mix['new_train']} pool samples{repeat} + {mix['replay_kept']} replayed "
+        f"anchor samples{kept}, {t.epochs} epochs, lr0 {t.lr0}, freeze {t.freeze}, imgsz {t.imgsz}"
+        f"{' (forced)' if mix['forced'] else ''}; run {run_id}. Awaiting the gates.",
     )
 
 

@@ -85,6 +85,13 @@ def test_the_gate_compares_the_candidate_with_production_and_records_the_decisio
     assert reference.data.metrics["gate/anchor_test/map50"] == pytest.approx(ref["anchor_test"]["map50"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "gate")}
     assert artifacts == {"gate/report.md", "gate/per_class.png", "gate/decision.json"}
+    # and the label check of the pool: the candidate's findings from the gate's own predictions, with the base's
+    # from before training, in the record; the report lists the flagged samples when Gate 2 did not pass
+    check = record["label_check"]
+    assert check["models"] == {"v1": "base, before training", "v2": "candidate"}
+    assert check["checked"] == record["sets"]["pool_holdout"]["images"] + record["sets"]["pool_trained_on"]["images"]
+    report = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/gate/report.md")
+    assert ("## Label check" in report) == (record["gates"]["new_samples"]["decision"] != "pass")
     # and no alias moved: that is the promote stage's job
     assert registry.alias_holder(cfg.mlflow.registered_model, "production") == "1"
     assert (base / "build" / "gate" / "retrain.json").read_text().startswith('{\n  "reason"')

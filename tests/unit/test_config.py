@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from detloop.core.config import compose, config_hash
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
+# hydra/ holds Hydra's own groups (the recipe search's sampler), not a detloop config group
+GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "hydra")
 
 
 def test_default_config_composes_and_resolves():

@@ -72,8 +72,18 @@ def test_gate_2_passes_above_80_percent_and_otherwise_asks_for_review_with_the_s
     assert at_threshold["decision"] == "review"  # "> 80%" passes, 80% does not
     failed = gates.new_samples_gate(cfg, holdout(0.0, {"title": 0.0, "table": 0.1}), holdout(0.0), holdout(0.2))
     assert failed["decision"] == "review"
-    assert "did not learn the new failures" in failed["text"] and gates.SWEEP_HINT in failed["text"]
+    assert "did not learn the new failures" in failed["text"] and "recipe search" in failed["text"]
     assert "title 0%" in failed["text"]
+
+
+def test_a_gate_2_failure_names_the_next_recipe_when_the_search_does_not_run():
+    cfg = compose(["experiment=tiny", "search.mode=suggest"])
+    failed = gates.new_samples_gate(cfg, holdout(0.3, {"title": 0.0}), holdout(0.2), holdout(0.4))
+    # conf/finetune (freeze 10, lr0 0.001) made stronger within conf/search's bounds; the rest as configured
+    assert (
+        "python -m detloop.finetune finetune.train.freeze=0 finetune.train.lr0=0.01 finetune.train.epochs=10 "
+        "finetune.train.imgsz=160 finetune.replay.scale=1.0" in failed["text"]
+    )
 
 
 def test_gate_2_with_an_empty_holdout_asks_for_review(cfg):

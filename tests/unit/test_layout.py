@@ -1,7 +1,7 @@
 """The package's layers, read from the source: imports only go down, no cycles, no stage imports a stage.
 
 cli                                   commands (the `detloop` console script)
-base evaluate trigger mix finetune retrain gate promote   the pipeline stages: thin run(cfg)
+base evaluate trigger mix finetune retrain gate promote search   the pipeline stages: thin run(cfg)
 production | fiftyone                 serving, monitoring, A/B set | inspection and App review
 training                              train a model in one run and register it
 evaluation                            one detection evaluator, the gate rules and report
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "detloop"
-STAGES = ("base", "evaluate", "trigger", "mix", "finetune", "retrain", "gate", "promote")
+STAGES = ("base", "evaluate", "trigger", "mix", "finetune", "retrain", "gate", "promote", "search")
 LAYERS = {
     "core": 0,
     "data": 1,

@@ -60,7 +60,15 @@ def cmd_review(args) -> int:
         from detloop.cli.fiftyone_app import cmd_review_app
 
         return cmd_review_app(args, ids)
+    if args.decision == "queue":  # the inbox ordered by what it would teach the model
+        from detloop.cli.review_queue import cmd_review_queue
+
+        return cmd_review_queue(args, ids)
     cfg = compose_args(args)
+    if not ids and not args.all:  # nothing named: list the inbox in the review queue's order, then refuse
+        from detloop.cli.review_queue import print_listing
+
+        print_listing(cfg)
     if args.all and ids:
         raise BadInput("give sample ids or --all, not both")
     if args.all:

@@ -43,6 +43,12 @@ def add_inspect_parser(sub, overrides_help: str) -> None:
     p.add_argument("--app", action="store_true", help="serve the App on fiftyone.app.address:port and print the URL")
     p.add_argument("--stop-db", action="store_true", help="stop the project's mongod and exit")
     p.add_argument(
+        "--view",
+        metavar="NAME",
+        help="label-check (gate.label_check.view): save the pool's view of the samples whose labels the models "
+        "contradict most (the newest label check: build/gate, else build/finetune), by score; needs --set pool",
+    )
+    p.add_argument(
         "--json", action="store_true", help="print the result as JSON (alone on stdout; the report on stderr)"
     )
     p.add_argument("overrides", nargs="*", help=overrides_help)
@@ -65,6 +71,10 @@ def cmd_inspect(args) -> int:
         models = resolve_models(cfg, specs)
         fo = connect(cfg)
         result, datasets = inspect_sets(cfg, sets, models, evaluate=not args.no_evaluate)
+        if args.view:  # the label check's saved view (detloop.fiftyone.label_check)
+            from detloop.fiftyone.label_check import save_view
+
+            result["view"] = save_view(cfg, args.view, datasets)
         result["database_uri"] = fo.config.database_uri
         if args.app:
             launch_app(cfg, datasets[sets[0]] if sets else None)
@@ -113,6 +123,7 @@ def cmd_review_app(args, ids: list[str]) -> int:
     cfg = compose(args.overrides)
     if args.decision == "commit" and not (args.reviewer or "").strip():
         raise BadInput("--reviewer: required (who verified these samples); reviews are recorded by name")
+    from detloop.fiftyone import queue as review_queue
     from detloop.fiftyone import review
     from detloop.fiftyone.db import connect
     from detloop.fiftyone.inspection import launch_app, resolve_models
@@ -121,6 +132,7 @@ def cmd_review_app(args, ids: list[str]) -> int:
         models = resolve_models(cfg, [getattr(args, "model", None) or str(cfg.fiftyone.review.model)])
         connect(cfg)
         _, dataset = review.open_review(cfg, models)
+        dataset = review_queue.saved_view(dataset)  # the App opens on the inbox in review-queue order
         if getattr(args, "app", False):
             launch_app(cfg, dataset)
     elif args.decision == "commit":
@@ -133,6 +145,9 @@ def cmd_review_app(args, ids: list[str]) -> int:
             f"{len(result['accepted'])} sample(s) accepted into the pool and {len(result['rejected'])} rejected "
             f"by {result['reviewer']}; {result['waiting_in_app']} untagged sample(s) wait in the inbox"
         )
+        if result.get("annotations"):
+            loaded = result["annotations"]
+            print(f"edits loaded from {loaded['backend']}; submitted there (verified): {len(loaded['submitted'])}")
         for kind, found in result["finished_interrupted"].items():
             if found:
                 print(f"finished an interrupted review ({kind}): {' '.join(found)}", file=sys.stderr)
@@ -140,7 +155,16 @@ def cmd_review_app(args, ids: list[str]) -> int:
             print(line)
         return change.exit_code()
     else:
+        target = review.annotation_target(cfg)  # a server that does not answer or refuses the key: before FiftyOne
         connect(cfg)
-        key = review.request_annotation(cfg, review.review_dataset(cfg))
-        print(f"annotation run {key} sent to {cfg.fiftyone.review.annotation.backend}")
+        sent = review.request_annotation(cfg, review.review_dataset(cfg), target)
+        if sent["replaced"] is not None:
+            submitted = len(sent["replaced"]["submitted"])
+            print(f"the previous run's edits loaded ({submitted} submitted: tagged verified); its project deleted")
+        print(f"annotation run {sent['key']}: {sent['samples']} report(s) sent to {sent['backend']}")
+        if "url" in sent:
+            print(
+                f"  {sent['url']}  (login and API key: {sent['credentials']}); fix the boxes, Submit each report you "
+                "verified (Skip or leave the others), then: detloop review commit --reviewer NAME"
+            )
     return 0

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from detloop.cli.team import add_team_parsers
 
     add_team_parsers(sub, OVERRIDES_HELP)
+    from detloop.cli.annotation import add_annotation_parsers
+
+    add_annotation_parsers(sub, OVERRIDES_HELP)
     return parser
 
 
@@ -99,9 +102,16 @@ def _add_loop_parsers(sub) -> None:
     p = sub.add_parser("review", help="human review: accept inbox samples into the pool or reject them")
     p.add_argument(
         "decision",
-        choices=["accept", "reject", "open", "commit", "annotate"],
+        choices=["accept", "reject", "open", "commit", "annotate", "queue"],
         help="accept|reject IDs (file-based); open (App), commit (App tags -> pool), annotate (backend)",
     )
+    p.description = (  # `review queue`: detloop.cli.review_queue
+        "Human review of the inbox: accept|reject IDs (file-based; without IDs the inbox is listed in review-queue "
+        "order), open|commit|annotate in the FiftyOne App, and queue: the inbox ordered by what each report would "
+        "teach the model (the production model's uncertainty, novelty against the anchor in the detector's own "
+        "features; near-duplicates of reviewed images last), with the reason per report."
+    )
+    p.add_argument("--json", action="store_true", help="queue: print the order as JSON (alone on stdout)")
     p.add_argument("--app", action="store_true", help="open: serve the FiftyOne App and print the URL")
     p.add_argument("--model", help="open: version / alias proposing labels (default fiftyone.review.model)")
     p.add_argument("items", nargs="*", metavar="ID", help="inbox sample ids (and key=value overrides)")

@@ -53,6 +53,28 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     return path
 
 
+def multirun_job():
+    """Hydra's config of this job when it runs as one job of a multirun (a sweep), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    return hc if hc.mode == RunMode.MULTIRUN else None
+
+
+def job_dir() -> Path | None:
+    """The job's own output folder when it runs as one job of a Hydra multirun (a sweep), else None."""
+    hc = multirun_job()
+    if hc is None:
+        return None
+    path = Path(str(hc.runtime.output_dir))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

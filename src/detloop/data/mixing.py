@@ -121,3 +121,38 @@ def retrain_key(cfg: DictConfig, retrain: dict) -> dict:
         "since_base_version": last["version"],
         "since_pool_size": last["pool_size"],
     }
+
+
+def reweight(train: list[str], pool_dir: Path, root: Path, scale: float, pool_repeat: int, seed: int) -> dict:
+    """The mix's train list as a recipe uses it: ``scale`` of the replayed anchor pages (a seeded subset,
+    at least one: never new data alone) and every pool page listed ``pool_repeat`` times.
+
+    ``train`` holds the mix stage's lines (relative to ``root`` or absolute); pool pages are those under
+    ``pool_dir``. Returns ``{"train": lines, "pool": n, "replay": n, "replay_kept": n}``.
+    """
+    problems = []
+    if not 0.0 < float(scale) <= 1.0:
+        problems.append(f"finetune.replay.scale: expected a share in (0, 1], got {scale!r}")
+    if int(pool_repeat) != pool_repeat or int(pool_repeat) < 1:
+        problems.append(f"finetune.replay.pool_repeat: expected an int >= 1, got {pool_repeat!r}")
+    if problems:
+        raise BadInput("bad fine-tune replay settings", problems)
+    pool_root = pool_dir.resolve()
+
+    def in_pool(line: str) -> bool:
+        path = Path(line) if Path(line).is_absolute() else root / line
+        return path.resolve().is_relative_to(pool_root)
+
+    new = [ln for ln in train if in_pool(ln)]
+    old = [ln for ln in train if not in_pool(ln)]
+    if not old:
+        raise BadInput("refusing to train: the mix holds no replayed anchor pages (never new data alone)")
+    keep = max(1, round(len(old) * float(scale)))
+    picks = sorted(np.random.default_rng(seed).choice(len(old), size=keep, replace=False).tolist())
+    replay = [old[i] for i in picks]
+    return {
+        "train": new * int(pool_repeat) + replay,
+        "pool": len(new),
+        "replay": len(old),
+        "replay_kept": len(replay),
+    }

@@ -21,9 +21,6 @@ TAG_FIGURES = (
 )
 
 
-SWEEP_HINT = "python -m detloop.finetune -m finetune.train.lr0=0.001,0.01 finetune.train.freeze=0,10"
-
-
 def drop(cfg: DictConfig, reference: float, candidate: float) -> float:
     """mAP50 drop in points (absolute mode) or in % of the reference (relative mode); negative = better."""
     mode = str(cfg.gate.regression.mode)
@@ -73,11 +70,7 @@ def new_samples_gate(cfg: DictConfig, cand: dict, ref: dict, trained: dict) -> d
     if decision != "pass":
         weak = sorted(cand["detection_rate_per_class"].items(), key=lambda kv: kv[1])[:3]
         weakest = ", ".join(f"{k} {v:.0%}" for k, v in weak)
-        text += (
-            f" The fine-tune did not learn the new failures well enough (weakest: {weakest}). Check the "
-            f"labels of these samples, or try a stronger recipe with a sweep, e.g. `{SWEEP_HINT}`, and "
-            "promote the best passing version."
-        )
+        text += f" The fine-tune did not learn the new failures well enough (weakest: {weakest}). " + next_step(cfg)
     return {
         "decision": decision,
         "pass_above": threshold,
@@ -88,6 +81,26 @@ def new_samples_gate(cfg: DictConfig, cand: dict, ref: dict, trained: dict) -> d
         "trained_on_detection_rate": trained.get("detection_rate"),
         "text": text,
     }
+
+
+def next_step(cfg: DictConfig) -> str:
+    """What follows a Gate 2 failure (the guide: "check label quality or increase training")."""
+    from detloop.evaluation import recipes
+
+    text = "Check the labels of these samples (the label check below). "
+    if str(cfg.search.mode) == "run":
+        return text + (
+            f"The recipe search (stage `search`) now tries {int(cfg.search.trials)} stronger recipe(s) from the "
+            "base, each gated, and stages the best passing one for a human to promote."
+        )
+    try:
+        recipe = " ".join(f"{k}={v}" for k, v in recipes.next_recipe(cfg).items())
+    except BadInput as err:
+        return text + f"The next recipe cannot be named: {err}."
+    return text + (
+        f"Next recipe to try: `python -m detloop.finetune {recipe}`; or let the recipe search run "
+        "(search.mode=run) and promote the best passing version."
+    )
 
 
 def ab_gate(cfg: DictConfig, cand: dict, ref: dict) -> dict:

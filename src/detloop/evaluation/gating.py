@@ -24,7 +24,7 @@ from detloop.core.stage import stage_dir
 from detloop.data import pool
 from detloop.data.datasets import anchor_images, anchor_names
 from detloop.data.yolo_format import is_image_name
-from detloop.evaluation import evaluator
+from detloop.evaluation import evaluator, label_check
 from detloop.evaluation.gates import TAG_FIGURES, ab_gate, combine, figures, new_samples_gate, regression_gate, summary
 from detloop.evaluation.measure import figure_tags, measure
 from detloop.evaluation.report import per_class_plot, report_markdown
@@ -98,11 +98,15 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
     names = anchor_names(resolve_path(cfg, "anchor"))
     sets = gate_sets(cfg)
     results: dict[str, dict] = {}
+    kept: dict[str, dict] = {key: {} for key in label_check.GATE_SETS}  # the candidate's pool predictions, reused
     with tempfile.TemporaryDirectory(dir=stage_dir(cfg, "gate")) as tmp:
         for role, version in (("candidate", candidate), ("reference", reference)):
             weights, config = model_weights(f"models:/{name}/{version}", Path(tmp) / role)
             imgsz = int(config.get("imgsz", 640))
-            results[role] = {key: measure(cfg, weights, imgsz, images, names) for key, images in sets.items()}
+            results[role] = {
+                key: measure(cfg, weights, imgsz, images, names, keep=kept.get(key) if role == "candidate" else None)
+                for key, images in sets.items()
+            }
     cand, ref = results["candidate"], results["reference"]
     gates = {
         "regression": regression_gate(cfg, cand["anchor_test"], ref["anchor_test"]),
@@ -122,6 +126,7 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
         "sets": {key: {"images": cand[key]["images"], "objects": cand[key]["objects"]} for key in sets},
         "summary": summary(candidate, reference, alias, decision, gates),
         "measured": {"candidate": cand, "reference": ref},
+        "label_check": label_check.at_gate(cfg, candidate, kept, names),  # pool labels the models contradict
     }
     note = oversight.held_against_rules(cfg, alias, reference)
     if note:  # policy record kept it: the candidate is compared with what serves, and the report says so
@@ -156,6 +161,7 @@ def _record(cfg: DictConfig, record: dict) -> None:
             )
             per_class_plot(record, folder / "per_class.png")
             client.log_artifacts(run_id, str(folder), artifact_path="gate")
+        label_check.log_to_run(cfg, client, run_id, record.get("label_check"))
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in record["figures"].items()])
         # both models' figures under the same names, so the MLflow compare view lines them up
         reference_run = registry.client().get_model_version(name, record["production"]["version"]).run_id

@@ -21,19 +21,10 @@ from detloop.evaluation import evaluator
 from detloop.model.pyfunc import model_weights
 
 
-def measure(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path], names: dict[int, str]) -> dict:
-    """AP (COCO-style) and detection rates of one model on one set, from one prediction pass.
-
-    The prediction settings are ``conf/evaluate`` (batch, conf floor, NMS IoU, max_det, device) for
-    every caller; the detection rate counts predictions at the serving confidence
-    (``gate.new_samples.conf``) matching an object of their class at ``gate.new_samples.iou``.
-    """
-    if not images:
-        return {"images": 0, "objects": 0}
+def predict(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path]) -> list:
+    """One model's detections on ``images`` with the ``conf/evaluate`` settings every measurement uses."""
     ev = cfg.evaluate
-    gts = evaluator.load_ground_truth(images, num_classes=max(names) + 1)
-    started = time.perf_counter()
-    dets = evaluator.predict(
+    return evaluator.predict(
         weights,
         images,
         imgsz=imgsz,
@@ -43,7 +34,26 @@ def measure(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path], name
         iou=float(ev.iou),
         max_det=int(ev.max_det),
     )
+
+
+def measure(
+    cfg: DictConfig, weights: Path, imgsz: int, images: list[Path], names: dict[int, str], keep: dict | None = None
+) -> dict:
+    """AP (COCO-style) and detection rates of one model on one set, from one prediction pass.
+
+    The prediction settings are ``conf/evaluate`` (batch, conf floor, NMS IoU, max_det, device) for
+    every caller; the detection rate counts predictions at the serving confidence
+    (``gate.new_samples.conf``) matching an object of their class at ``gate.new_samples.iou``.
+    ``keep`` (a dict) receives the ``images``, ``ground_truth`` and ``detections`` for reuse (the label check).
+    """
+    if not images:
+        return {"images": 0, "objects": 0}
+    gts = evaluator.load_ground_truth(images, num_classes=max(names) + 1)
+    started = time.perf_counter()
+    dets = predict(cfg, weights, imgsz, images)
     inference_s = time.perf_counter() - started
+    if keep is not None:  # the caller reuses the predictions (detloop.evaluation.label_check): no second pass
+        keep.update(images=list(images), ground_truth=gts, detections=dets)
     found = evaluator.evaluate_predictions(
         gts, dets, names, serving_conf=float(cfg.gate.new_samples.conf), match_iou=float(cfg.gate.new_samples.iou)
     )

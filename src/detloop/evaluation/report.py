@@ -33,7 +33,42 @@ def report_markdown(record: dict) -> str:
         for cls, value in ref[key]["detection_rate_per_class"].items():
             theirs = cand[key]["detection_rate_per_class"].get(cls, float("nan"))
             lines.append(f"| {cls} | {value:.3f} | {theirs:.3f} |")
+    lines += label_check_lines(record)
     return "\n".join(lines) + "\n"
+
+
+def label_check_lines(record: dict) -> list[str]:
+    """The "Label check" section when Gate 2 did not pass: the pool samples whose labels the models
+    contradict most (``record["label_check"]``, :mod:`detloop.evaluation.label_check`) with the reasons, and
+    the link to them in the FiftyOne App with the command that builds that view."""
+    check = record.get("label_check")
+    if not check or record.get("gates", {}).get("new_samples", {}).get("decision", "pass") == "pass":
+        return []
+    models = " and ".join(f"{m} ({what})" for m, what in check["models"].items())
+    lines = [
+        "",
+        "## Label check",
+        "",
+        f"Gate 2 did not pass. Before training more, check the labels the models contradict most: "
+        f"{check['flagged_total']} of {check['checked']} pool samples reach score {check['settings']['min_score']:g} "
+        f"(a sample's strongest finding, averaged over {models}). A wrong label in the holdout lowers Gate 2; "
+        "in the train split it teaches the error.",
+        "",
+    ]
+    if check["flagged"]:
+        lines += ["| # | sample | split | score | why |", "|---|---|---|---|---|"]
+        for rank, entry in enumerate(check["flagged"], 1):
+            why = "<br>".join(r.replace("|", "\\|") for r in entry["reasons"])
+            lines.append(f"| {rank} | {entry['id']} | {entry['split']} | {entry['score']:.2f} | {why} |")
+    else:
+        lines.append("No sample reaches that score: the labels agree with the models; the recipe is the suspect.")
+    app = check["app"]
+    lines += [
+        "",
+        f"In the FiftyOne App: [{app['dataset']} / {app['view']}]({app['url']}), sorted by score, the suspect "
+        f"labels tagged `label-check`. Build the view and serve the App with `{app['command']}`.",
+    ]
+    return lines
 
 
 def per_class_plot(record: dict, path: Path) -> None:

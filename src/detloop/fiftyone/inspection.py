@@ -117,12 +117,23 @@ def _evaluate(cfg: DictConfig, dataset, field: str, model: dict) -> dict:
 
 
 def launch_app(cfg: DictConfig, dataset) -> None:
-    """Serve the App on ``fiftyone.app.address:port``, print the URL and block until interrupted."""
+    """Serve the App on ``fiftyone.app.address:port`` (on ``dataset``, or a saved view of one), print the
+    URL and block until interrupted."""
     import fiftyone as fo
 
     app = cfg.fiftyone.app
     session = fo.launch_app(dataset, address=str(app.address), port=int(app.port), remote=True, auto=False)
-    url = f"http://{app.address}:{int(app.port)}/datasets/{dataset.name}" if dataset is not None else session.url
+    url = app_url(cfg, dataset) if dataset is not None else session.url
     print(f"FiftyOne App: {url}  (Ctrl-C to stop)", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         session.wait(-1)
+
+
+def app_url(cfg: DictConfig, samples) -> str:
+    """The App's URL of a dataset, or of a saved view of one (``/datasets/<name>?view=<slug>``)."""
+    from fiftyone.core.utils import to_slug
+
+    app = cfg.fiftyone.app
+    name = getattr(samples, "dataset_name", None) or samples.name
+    url = f"http://{app.address}:{int(app.port)}/datasets/{name}"
+    return f"{url}?view={to_slug(samples.name)}" if getattr(samples, "is_saved", False) else url

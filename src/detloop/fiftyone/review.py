@@ -8,8 +8,12 @@ the serving confidence). In the App the reviewer
 * tags a sample ``verified`` (it goes to the pool with its labels) or ``rejected`` (recorded, its
   files move to ``inbox/rejected/``; an optional reason in the sample field ``review_reason``),
 * tags a wrong proposed box ``wrong`` (label tag): it is left out of the labels that go to the pool,
-* or edits the labels with an annotation backend (``fiftyone.review.annotation.backend``, e.g.
-  CVAT or Label Studio, installed separately) through FiftyOne's annotation API.
+* or edits the boxes in an annotation tool through FiftyOne's annotation API
+  (``fiftyone.review.annotation.backend``): ``detloop review annotate`` sends the undecided reports with
+  their labels to verify to Label Studio (the local server of ``detloop annotation up``, see
+  :mod:`detloop.fiftyone.labelstudio`, or ``FIFTYONE_LABELSTUDIO_URL`` / ``_API_KEY``); a report
+  submitted there counts as tagged ``verified`` (``annotation.submitted_is_verified``), one skipped or
+  left alone stays in the inbox. The commit loads the edits first (:func:`load_backend_annotations`).
 
 Tags and edits live in the database as soon as they are made, so closing the App or losing the
 process loses nothing. ``detloop review commit --reviewer NAME`` then hands the decisions to the
@@ -20,6 +24,7 @@ the inbox. A commit killed midway is finished by the next one (:func:`finish_int
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from collections import defaultdict
@@ -32,7 +37,9 @@ from detloop.core.errors import BadInput
 from detloop.data import review as file_review
 from detloop.data.manifest import MANIFEST, read_manifest
 from detloop.data.store import REJECTED_DIR, REJECTED_MANIFEST, find_image, locked
+from detloop.fiftyone import labelstudio
 from detloop.fiftyone import load as fo_load
+from detloop.fiftyone.labelstudio import Credentials
 from detloop.fiftyone.load import dataset_name, read_yolo_labels
 
 log = logging.getLogger(__name__)
@@ -70,12 +77,18 @@ def open_review(cfg: DictConfig, models: list[dict]) -> tuple[dict, object]:
         filled += fo_load.fill_review_labels(cfg, dataset, field)
     show_in_app(cfg, dataset)
     result = {"dataset": dataset.name, "samples": len(dataset), "fields": fields, "proposed_from_predictions": filled}
+    if models:  # the review queue's order in the App: fields queue_rank, queue_score, queue_reason; saved view by-value
+        from detloop.fiftyone import queue as review_queue
+
+        result["queue_view"] = review_queue.show_in_app(dataset, review_queue.review_queue(cfg, models[0])).name
     r = cfg.fiftyone.review
     print(
         f"{dataset.name}: {len(dataset)} report(s) to review; {filled} with the model's predictions as "
         f"proposed labels. Tag samples '{r.verified_tag}' or '{r.rejected_tag}', then: "
         "detloop review commit --reviewer NAME"
     )
+    if "queue_view" in result:
+        print(f"saved view {result['queue_view']!r}: the reports most worth reviewing first (queue_reason says why)")
     return result, dataset
 
 
@@ -227,7 +240,7 @@ def commit(cfg: DictConfig, reviewer: str | None) -> dict:
     if not (reviewer or "").strip():
         raise BadInput("--reviewer: required (who verified these samples); reviews are recorded by name")
     dataset = review_dataset(cfg)
-    load_backend_annotations(cfg, dataset)
+    loaded = load_backend_annotations(cfg, dataset)
     finished = finish_interrupted(cfg)
     removed = sync_with_inbox(cfg, dataset)
     verified, rejected = decisions(cfg, dataset)
@@ -237,6 +250,7 @@ def commit(cfg: DictConfig, reviewer: str | None) -> dict:
         "finished_interrupted": finished,
         "removed_stale": removed,
         "reviewer": reviewer.strip(),
+        "annotations": loaded,  # the pending annotation run's backend and the reports submitted there
     }
     if verified:
         with tempfile.TemporaryDirectory(prefix="detloop-review-") as tmp:
@@ -270,56 +284,142 @@ def commit(cfg: DictConfig, reviewer: str | None) -> dict:
 # --------------------------------------------------------------------------- annotation backend
 
 
+def _check_package(backend: str) -> None:
+    """BadInput when the Python package a backend needs is not installed."""
+    module = BACKEND_MODULES.get(backend)
+    if module is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise BadInput(
+            f"fiftyone.review.annotation.backend={backend}: the Python package {module!r} is not installed",
+            [f"pip install {module} (and run its server), or set the backend to null to review in the App with tags"],
+        )
+
+
 def _backend(cfg: DictConfig) -> str | None:
+    """The configured backend of ``detloop review annotate`` (its package checked), or None."""
     backend = cfg.fiftyone.review.annotation.backend
     if not backend:
         return None
-    module = BACKEND_MODULES.get(str(backend))
-    if module is not None:
-        import importlib.util
-
-        if importlib.util.find_spec(module) is None:
-            raise BadInput(
-                f"fiftyone.review.annotation.backend={backend}: the Python package {module!r} is not installed",
-                [
-                    f"pip install {module} (and run its server), or set the "
-                    "backend to null to review in the App with tags"
-                ],
-            )
+    _check_package(str(backend))
     return str(backend)
 
 
-def request_annotation(cfg: DictConfig, dataset) -> str:
-    """Send the labels to verify to the configured annotation backend (FiftyOne's ``annotate``);
-    returns the annotation key. BadInput when no backend is configured or it is not installed."""
+def pending_backend(cfg: DictConfig, dataset) -> str | None:
+    """The backend of the dataset's pending annotation run (``anno_key``), or None when there is none."""
+    key = str(cfg.fiftyone.review.annotation.anno_key)
+    if key not in dataset.list_annotation_runs():
+        return None
+    return str(dataset.get_annotation_info(key).config.method)
+
+
+def backend_credentials(cfg: DictConfig, backend: str | None) -> Credentials | None:
+    """Label Studio's URL and API key (environment, else the local server), checked to answer and accept
+    the key; None for other backends (their credentials come from FiftyOne's annotation config)."""
+    if backend != "labelstudio":
+        return None
+    creds = labelstudio.credentials(cfg)
+    labelstudio.check(creds)
+    return creds
+
+
+def annotation_target(cfg: DictConfig) -> tuple[str, Credentials | None]:
+    """The backend of ``detloop review annotate`` and, for Label Studio, its checked credentials.
+    BadInput when no backend is configured, or the server does not answer or refuses the key."""
     backend = _backend(cfg)
     if backend is None:
         raise BadInput(
             "fiftyone.review.annotation.backend is null: review in the App with sample tags",
-            ["set fiftyone.review.annotation.backend=cvat (or labelstudio) to edit labels there"],
+            ["set fiftyone.review.annotation.backend=labelstudio (or cvat) to edit labels there"],
         )
+    return backend, backend_credentials(cfg, backend)
+
+
+def _talking(creds: Credentials | None, action: str):
+    return labelstudio.talking_to(creds, action) if creds is not None else contextlib.nullcontext()
+
+
+def request_annotation(cfg: DictConfig, dataset, target: tuple[str, Credentials | None] | None = None) -> dict:
+    """``detloop review annotate``: send the reports still undecided (neither ``verified`` nor ``rejected``)
+    with their labels to verify to the configured backend through FiftyOne's ``annotate``.
+
+    A pending run is loaded first (:func:`load_backend_annotations`: its edits and submissions are kept in
+    the dataset); then, when reports are left to send, its backend project is deleted and a new run starts.
+    Reports no longer in the inbox are dropped from the dataset first. Returns the key, the number of
+    reports sent and, for Label Studio, the project's id and URL. BadInput when no backend is configured,
+    nothing is undecided (a pending run stays), or the server does not answer or refuses the key.
+    """
+    backend, creds = target or annotation_target(cfg)
     a, r = cfg.fiftyone.review.annotation, cfg.fiftyone.review
     key = str(a.anno_key)
-    if key in dataset.list_annotation_runs():
+    sync_with_inbox(cfg, dataset)
+    previous = load_backend_annotations(cfg, dataset)
+    todo = dataset.match_tags([str(r.verified_tag), str(r.rejected_tag)], bool=False)
+    if not len(todo):
+        raise BadInput(
+            f"{dataset.name}: no report left to annotate (each is tagged {r.verified_tag!r} or {r.rejected_tag!r})",
+            ["commit them: detloop review commit --reviewer NAME"],
+        )
+    if previous is not None:
+        old = backend_credentials(cfg, previous["backend"]) if previous["backend"] != backend else creds
+        with _talking(old, "deleting the previous project"):
+            dataset.load_annotation_results(key, **(old.kwargs() if old else {})).cleanup()
         dataset.delete_annotation_run(key)
     kwargs = dict(a.kwargs or {})
-    dataset.annotate(
-        key,
-        backend=backend,
-        label_field=str(r.label_field),
-        label_type="detections",
-        classes=list(dataset.default_classes),
-        launch_editor=bool(a.launch_editor),
-        **kwargs,
-    )
-    return key
+    if backend == "labelstudio":
+        kwargs = {"project_name": dataset.name, "attributes": False, **kwargs, **creds.kwargs()}
+    with _talking(creds, f"sending {len(todo)} report(s)"):
+        todo.annotate(
+            key,
+            backend=backend,
+            label_field=str(r.label_field),
+            label_type="detections",
+            classes=list(dataset.default_classes),
+            launch_editor=bool(a.launch_editor),
+            **kwargs,
+        )
+    sent = {"key": key, "backend": backend, "samples": len(todo), "replaced": previous}
+    if creds is not None:
+        project = dataset.load_annotation_results(key, **creds.kwargs()).project_id
+        sent.update(project_id=project, url=f"{creds.url}/projects/{project}", credentials=creds.source)
+    return sent
 
 
-def load_backend_annotations(cfg: DictConfig, dataset) -> bool:
-    """Merge the backend's edits into the labels to verify, when an annotation run is pending."""
-    backend = _backend(cfg)
+def load_backend_annotations(cfg: DictConfig, dataset) -> dict | None:
+    """Merge the edits of the pending annotation run into the labels to verify (FiftyOne's
+    ``load_annotations``: moved, added and deleted boxes), whatever backend is configured now.
+
+    With ``fiftyone.review.annotation.submitted_is_verified`` every report submitted there (Label Studio:
+    a task with a submitted annotation that was not skipped) is tagged ``verified_tag``, so the commit
+    moves it to the pool like a report tagged in the App; one tagged ``rejected_tag`` in the App stays
+    rejected. Reports left untouched, or skipped, stay in the inbox. None when no run is pending;
+    BadInput (nothing changed) when the server does not answer or refuses the key.
+    """
+    backend = pending_backend(cfg, dataset)
+    if backend is None:
+        return None
+    _check_package(backend)
     key = str(cfg.fiftyone.review.annotation.anno_key)
-    if backend is None or key not in dataset.list_annotation_runs():
-        return False
-    dataset.load_annotations(key, cleanup=False)
-    return True
+    creds = backend_credentials(cfg, backend)
+    kwargs = creds.kwargs() if creds else {}
+    done: set[str] = set()
+    if creds is not None:
+        results = dataset.load_annotation_results(key, **kwargs)
+        present = set(dataset.values("id"))
+        done = labelstudio.submitted(creds, results.project_id, results.uploaded_tasks) & present
+    with _talking(creds, "loading the annotations"):
+        dataset.load_annotations(key, cleanup=False, unexpected="ignore", progress=False, **kwargs)
+    verified: list[str] = []
+    if done and bool(cfg.fiftyone.review.annotation.submitted_is_verified):
+        view, rejected = dataset.select(sorted(done)), str(cfg.fiftyone.review.rejected_tag)
+        if len(kept := view.match_tags(rejected)):  # an explicit rejection in the App wins over a submission
+            ids = kept.values("detloop_id")
+            log.warning("submitted in %s but tagged %r in the App, so they stay rejected: %s", backend, rejected, ids)
+            view = view.match_tags(rejected, bool=False)
+        tag = str(cfg.fiftyone.review.verified_tag)
+        view.tag_samples(tag)
+        verified = sorted(view.values("detloop_id"))
+        log.info("%d report(s) submitted in %s tagged %r: %s", len(verified), backend, tag, verified)
+    return {"backend": backend, "submitted": verified}

@@ -20,7 +20,8 @@ from detloop.core import failures
 from detloop.core.config import config_hash
 from detloop.core.env import in_project, project_root
 from detloop.core.errors import BadInput, PermissionRefused, TrackingUnavailable
-from detloop.tracking.sweep import SWEEP_TAG, parent_run, sweep_folder
+from detloop.core.stage import multirun_job
+from detloop.tracking.sweep import SWEEP_JOB_TAG, SWEEP_TAG, parent_run, sweep_folder
 
 log = logging.getLogger(__name__)
 
@@ -185,16 +186,15 @@ def flat_params(cfg: DictConfig, keys: list[str]) -> dict[str, str]:
 
 def sweep_dir() -> str | None:
     """The sweep folder (absolute) when running as one job of a Hydra multirun, else None."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    hc = multirun_job()
+    return None if hc is None else sweep_folder(hc)
 
-        hc = HydraConfig.get()
-    except (ImportError, ValueError):
-        return None
-    if hc.mode != RunMode.MULTIRUN:
-        return None
-    return sweep_folder(hc)
+
+def sweep_job() -> str:
+    """The job's number in its sweep (Hydra's ``hydra.job.num``: the job folder's name, the trial's order)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().job.num)
 
 
 @contextlib.contextmanager
@@ -212,6 +212,7 @@ def stage_run(cfg: DictConfig, stage: str, experiment_id: str, run_name: str | N
     if sweep and not os.environ.get("MLFLOW_RUN_ID"):
         parent = parent_run(experiment_id, sweep, stage)  # made once by the sweep's SweepParent callback
         tags[SWEEP_TAG] = sweep
+        tags[SWEEP_JOB_TAG] = sweep_job()
     experiment = cfg.mlflow.experiment
     with failures.acting(
         f"starting the {stage} run in experiment {experiment}", needs=f"EDIT on experiment {experiment}"

@@ -23,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SWEEP_TAG = "detloop.sweep_dir"
+SWEEP_JOB_TAG = "detloop.sweep_job"  # the job's number in the sweep (hydra.job.num)
 PARENT_FILE = "mlflow_parent_run.json"
 WAIT_SECONDS = 120.0  # how long a job waits for the job that took the lock to write the parent file
 
