@@ -175,7 +175,9 @@ def database_uri(cfg: DictConfig) -> str:
 def connect(cfg: DictConfig):
     """Point FiftyOne (and App servers it starts) at :func:`database_uri`; return the ``fiftyone`` module.
 
-    Call it before any other FiftyOne call of the process: FiftyOne keeps the first connection it makes.
+    FiftyOne keeps the first client it makes for the whole process; when the process moves to another
+    database (a long-lived process, or tests with their own mongod each) that client is closed first, so
+    FiftyOne's next call connects to ``uri``.
     """
     uri = database_uri(cfg)
     os.environ["FIFTYONE_DATABASE_URI"] = uri  # read by FiftyOne's import and by the App server it launches
@@ -183,5 +185,8 @@ def connect(cfg: DictConfig):
     import fiftyone as fo
 
     if fo.config.database_uri != uri:
+        from fiftyone.core.odm import database as odm_database
+
+        odm_database._disconnect()  # FiftyOne's own reset (no public API): the next call reconnects
         fo.config.database_uri = uri
     return fo
