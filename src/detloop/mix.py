@@ -27,7 +27,7 @@ from detloop.core.env import project_root
 from detloop.core.stage import hydra_entry, stage_dir, write_json
 from detloop.data import pool
 from detloop.data.mixing import build_mix, relative_paths, retrain_key
-from detloop.tracking import registry, runs
+from detloop.tracking import versions
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ STAGE = "mix"
 def run(cfg: DictConfig) -> dict:
     """Write ``build/mix/{train,val}.txt`` and ``mix.json``; an untriggered pool writes empty lists."""
     pool.check_reviewed(cfg)  # never train on unreviewed samples
-    runs.setup(cfg)
-    trigger = pool.trigger_status(cfg, registry.last_finetune_from_registry(cfg))
+    registered = versions.model_versions(cfg)  # one read of the registry for both checks
+    trigger = pool.trigger_status(cfg, versions.last_finetune(cfg, registered))
     out = stage_dir(cfg, STAGE)
     root = project_root()
     if trigger.triggered:
@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
         log.info("no fine-tune: %s", trigger.message)
     (out / "train.txt").write_text("".join(f"{p}\n" for p in train))
     (out / "val.txt").write_text("".join(f"{p}\n" for p in val))
-    retrain = pool.retrain_status(cfg, registry.last_base_from_registry(cfg))
+    retrain = pool.retrain_status(cfg, versions.last_base(cfg, registered))
     record["retrain"] = retrain["message"]
     write_json(out / "mix.json", record)
     write_json(out / "retrain.json", retrain_key(cfg, retrain))

@@ -19,7 +19,7 @@ from tests.conftest import register_version
 from detloop.core.config import compose
 from detloop.core.stage import stage_dir, write_json
 from detloop.promote import run as run_promote
-from detloop.tracking import registry, runs
+from detloop.tracking import registry, runs, store
 from detloop.tracking.promotion import promote_version, rollback
 
 pytestmark = pytest.mark.integration
@@ -173,7 +173,7 @@ def test_concurrent_registrations_lose_no_version_on_sqlite_and_on_a_server(serv
         runs.setup(cfg)  # the experiment exists before the race
     name = sqlite_cfg.mlflow.registered_model
     # when 4 processes register 5 versions each, at the same time, in each store
-    results = register_concurrently([runs.tracking_uri(sqlite_cfg), server], name)
+    results = register_concurrently([store.tracking_uri(sqlite_cfg), server], name)
     # then every store holds versions 1..20, each given to exactly one registration
     for cfg, got in zip((sqlite_cfg, server_cfg), results, strict=True):
         runs.setup(cfg)

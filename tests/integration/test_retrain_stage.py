@@ -14,7 +14,7 @@ from detloop.core.config import compose
 from detloop.data import pool
 from detloop.mix import run as run_mix
 from detloop.retrain import run as run_retrain
-from detloop.tracking import registry
+from detloop.tracking import registry, versions
 
 pytestmark = pytest.mark.integration
 
@@ -76,4 +76,4 @@ def test_at_the_threshold_a_new_base_is_trained_on_anchor_and_pool_and_awaits_th
     # and the next mix counts new samples from the new base: nothing is due any more
     run_mix(cfg)
     assert retrain_input(base) == {"due": False, "threshold": 10}
-    assert registry.last_base_from_registry(cfg) == {"version": "2", "pool_size": 12}
+    assert versions.last_base(cfg) == {"version": "2", "pool_size": 12}

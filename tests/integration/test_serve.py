@@ -124,14 +124,14 @@ def test_mlflow_models_serve_gives_the_same_predictions_for_the_same_request(pro
     """The contract is MLflow's: its own scoring server on the same version answers the same payload alike."""
     import os
 
-    from detloop.tracking import runs
+    from detloop.tracking import store
 
     payload = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(page_bytes(15))]]}}).encode()
     ours = post(server, "/invocations", payload).json()
     port = free_port()
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": runs.tracking_uri(project["cfg"]),
+        "MLFLOW_TRACKING_URI": store.tracking_uri(project["cfg"]),
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }
     uri = f"models:/{project['cfg'].mlflow.registered_model}/{project['v1']}"

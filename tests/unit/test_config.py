@@ -53,7 +53,7 @@ def test_the_team_profile_refuses_to_fall_back_to_the_local_store():
 
     from detloop.core.config import compose
     from detloop.core.errors import BadInput
-    from detloop.tracking.runs import tracking_uri
+    from detloop.tracking.store import tracking_uri
 
     # given the team profile without a server URI, then nothing falls back to a local SQLite store
     with pytest.raises(BadInput) as refused:

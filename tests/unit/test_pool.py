@@ -17,7 +17,7 @@ from detloop.core.config import compose
 from detloop.core.errors import BadInput
 from detloop.data import pool
 from detloop.data.manifest import split_for, write_manifest
-from detloop.tracking import registry, runs
+from detloop.tracking import runs, versions
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)  # a Saturday: weekly periods run Monday 2025-02-24 .. 2025-03-03
 SPLIT = {"train": 0.7, "val": 0.1, "holdout": 0.2}
@@ -139,15 +139,15 @@ def test_a_forced_retrain_is_due_and_says_so(overrides, tmp_path):
 
 def test_last_base_is_the_newest_base_version_with_its_pool_size(cfg):
     runs.setup(cfg)
-    assert registry.last_base_from_registry(cfg) is None
+    assert versions.last_base(cfg) is None
     client = mlflow.MlflowClient()
     name = cfg.mlflow.registered_model
     client.create_registered_model(name)
     client.create_model_version(name, "file:///nowhere", tags={"kind": "base"})
     client.create_model_version(name, "file:///nowhere", tags={"kind": "finetune", "pool.size": "90"})
-    assert registry.last_base_from_registry(cfg) == {"version": "1", "pool_size": 0}
+    assert versions.last_base(cfg) == {"version": "1", "pool_size": 0}
     client.create_model_version(name, "file:///nowhere", tags={"kind": "base", "retrain": "true", "pool.size": "40"})
-    assert registry.last_base_from_registry(cfg) == {"version": "3", "pool_size": 40}
+    assert versions.last_base(cfg) == {"version": "3", "pool_size": 40}
 
 
 # --------------------------------------------------------------------------- the floor and volume
@@ -401,19 +401,19 @@ def test_the_default_trigger_state_ignores_the_clock(overrides):
 def test_last_finetune_is_read_from_the_registry(cfg):
     # given a real SQLite MLflow store with a base and two fine-tune versions
     runs.setup(cfg)
-    assert registry.last_finetune_from_registry(cfg) is None  # no registered model yet
+    assert versions.last_finetune(cfg) is None  # no registered model yet
     client = mlflow.MlflowClient()
     name = cfg.mlflow.registered_model
     client.create_registered_model(name)
     source = Path(cfg.paths.build) / "model"
     source.mkdir(parents=True)
     client.create_model_version(name, str(source), tags={"kind": "base"})
-    assert registry.last_finetune_from_registry(cfg) is None  # a base is not a fine-tune
+    assert versions.last_finetune(cfg) is None  # a base is not a fine-tune
     client.create_model_version(name, str(source), tags={"kind": "finetune", "pool.size": "40"})
     newest = client.create_model_version(name, str(source), tags={"kind": "finetune", "pool.size": "90"})
     client.create_model_version(name, str(source), tags={"kind": "base"})
     # when the last fine-tune is looked up
-    found = registry.last_finetune_from_registry(cfg)
+    found = versions.last_finetune(cfg)
     # then it is the newest fine-tune version, with its pool size and creation time
     created = datetime.fromtimestamp(newest.creation_timestamp / 1000, UTC)
     assert found == {"version": "3", "pool_size": 90, "created": created.isoformat(timespec="seconds")}

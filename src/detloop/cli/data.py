@@ -12,7 +12,6 @@ from pathlib import Path
 
 from detloop.cli.common import compose_args, split_overrides
 from detloop.core.errors import BadInput
-from detloop.tracking import registry
 
 
 def cmd_demo_data(args) -> int:
@@ -92,14 +91,15 @@ def cmd_review(args) -> int:
 
 def cmd_pool_status(args) -> int:
     from detloop.data import pool, remote
-    from detloop.tracking import oversight, runs
+    from detloop.tracking import oversight, runs, versions
 
     cfg = compose_args(args)
     pushed = remote.remote_status(cfg)  # retries an owed push first
     runs.setup(cfg)
     oversight.watch(cfg)  # moves made in the MLflow UI are in the audit trail before anything reads it
-    status = pool.trigger_status(cfg, registry.last_finetune_from_registry(cfg))
-    retrain = pool.retrain_status(cfg, registry.last_base_from_registry(cfg))
+    registered = versions.model_versions(cfg)
+    status = pool.trigger_status(cfg, versions.last_finetune(cfg, registered))
+    retrain = pool.retrain_status(cfg, versions.last_base(cfg, registered))
     if args.json:
         print(json.dumps({**pool.status_report(cfg, status, retrain), "remote": pushed}, indent=2, sort_keys=True))
     else:

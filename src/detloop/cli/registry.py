@@ -8,7 +8,7 @@ from detloop.cli.common import compose_args
 
 
 def cmd_registry(args) -> int:
-    from detloop.tracking import oversight, records, registry, runs
+    from detloop.tracking import oversight, records, registry, runs, store
 
     cfg = compose_args(args)
     runs.setup(cfg)
@@ -41,7 +41,7 @@ def cmd_registry(args) -> int:
     elif not rows:
         print(f"no versions of {cfg.mlflow.registered_model} yet (run `dvc repro` or `make demo`)")
     else:
-        print(f"registered model {cfg.mlflow.registered_model} @ {runs.tracking_uri(cfg)}")
+        print(f"registered model {cfg.mlflow.registered_model} @ {store.tracking_uri(cfg)}")
         print(registry.format_table(rows))
         for line in warnings:
             print(f"WARNING: {line}")

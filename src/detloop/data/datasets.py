@@ -3,6 +3,7 @@ data yaml over image lists that every training run gets (absolute paths, written
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -50,8 +51,27 @@ def count_images(folder: Path) -> int:
 
 
 def anchor_images(anchor: Path, split: str) -> list[Path]:
+    """The image files under ``anchor/images/<split>`` (sub-folders included), in path order.
+
+    Same files and order as ``sorted(rglob("*"))`` keeping image files (symlinked folders are not
+    entered), at a fraction of the cost on large splits: one ``scandir`` per folder, no stat per file
+    where the file system reports the entry type, and plain string sorting.
+    """
     folder = anchor / "images" / split
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p)) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    found: list[tuple[str, ...]] = []
+    pending: list[tuple[str, tuple[str, ...]]] = [(str(folder), ())]
+    while pending:
+        directory, parts = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir() and not entry.is_symlink():
+                    pending.append((entry.path, (*parts, entry.name)))
+                elif entry.is_file() and is_image_name(entry.name):
+                    found.append((*parts, entry.name))
+    found.sort()  # by path components, as Path ordering is
+    return [folder.joinpath(*parts) for parts in found]
 
 
 def write_data_yaml(out: Path, names: dict[int, str], splits: dict[str, list[Path]]) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -54,12 +55,24 @@ def draw_replay(images: list[Path], size: int, seed: int) -> list[Path]:
 
 
 def relative_paths(paths: list[Path], root: Path) -> list[str]:
+    """Each path resolved, relative to ``root`` when inside it (else absolute), as ``Path.resolve`` gives.
+
+    Folders are resolved once each (a mix lists thousands of files in a few folders); a file that is
+    itself a symbolic link is resolved on its own.
+    """
+    folders: dict[Path, Path] = {}
     out = []
     for p in paths:
+        folder = folders.get(p.parent)
+        if folder is None:
+            folder = folders[p.parent] = p.parent.resolve()
+        full = folder / p.name
+        if os.path.islink(full):
+            full = full.resolve()
         try:
-            out.append(p.resolve().relative_to(root).as_posix())
+            out.append(full.relative_to(root).as_posix())
         except ValueError:  # data outside the project: keep the absolute path
-            out.append(str(p.resolve()))
+            out.append(str(full))
     return out
 
 
@@ -69,6 +82,7 @@ def build_mix(cfg: DictConfig, trigger: pool.TriggerStatus) -> dict:
     new_train = pool.pool_samples(cfg, "train")
     new_val = pool.pool_samples(cfg, "val")
     old_train = anchor_images(anchor, "train")
+    old_val = anchor_images(anchor, "val")
     if not new_train:
         pool_dir = resolve_path(cfg, "pool")
         raise BadInput("nothing to fine-tune on", [f"{pool_dir}: no verified pool samples in split train"])
@@ -99,12 +113,12 @@ def build_mix(cfg: DictConfig, trigger: pool.TriggerStatus) -> dict:
         "multiplier": replay_multiplier(len(new_train), cfg.mix.ratios),
         "old_wanted": wanted,
         "old_train": len(replay),
-        "anchor_val": len(anchor_images(anchor, "val")),
+        "anchor_val": len(old_val),
         "seed": seed,
         "ratios": {str(k): int(v) for k, v in OmegaConf.to_container(cfg.mix.ratios).items()},
         "max_old": int(cfg.mix.max_old),
     }
-    return {"record": record, "train": new_train + replay, "val": anchor_images(anchor, "val") + new_val}
+    return {"record": record, "train": new_train + replay, "val": old_val + new_val}
 
 
 def retrain_key(cfg: DictConfig, retrain: dict) -> dict:

@@ -206,9 +206,9 @@ def _split_source_problems(split: str, source: Path, yaml_path: Path) -> list[st
 # --------------------------------------------------------------------------- image lists
 
 
-def is_image_name(path: Path) -> bool:
-    """True when the suffix is one Ultralytics loads as an image."""
-    return path.suffix[1:].lower() in IMG_FORMATS
+def is_image_name(path: str | Path) -> bool:
+    """True when the suffix is one Ultralytics loads as an image (a path or a bare file name)."""
+    return os.path.splitext(os.path.basename(path))[1][1:].lower() in IMG_FORMATS
 
 
 def label_path_for(image: str | Path) -> Path:

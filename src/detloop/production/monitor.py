@@ -211,10 +211,10 @@ def previous_version(cfg: DictConfig, conn, version: str, window: Window) -> tup
 
 def _previous_in_registry(cfg: DictConfig, version: str, until: float) -> tuple[str | None, str]:
     """The ``from_version`` of the audit trail's last move of ``serve.alias`` to ``version`` before ``until``."""
-    from detloop.tracking import oversight, registry, runs
+    from detloop.tracking import oversight, registry, runs, store
 
     alias = str(cfg.serve.alias)
-    db = predlog.sqlite_path(runs.tracking_uri(cfg))
+    db = predlog.sqlite_path(store.tracking_uri(cfg))
     if db is not None and not db.is_file():
         return None, f"registry: no tracking store at {db}"
     runs.setup(cfg)

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig
 
 from detloop.core.errors import BadInput, PermissionRefused, TrackingUnavailable
-from detloop.tracking import failures, runs
+from detloop.tracking import failures, store
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ LIST_USERS = "/api/2.0/mlflow/users/list"
 
 def server_uri(cfg: DictConfig) -> str:
     """The configured tracking URI; BadInput unless it is an http(s) server (basic auth needs one)."""
-    uri = runs.tracking_uri(cfg)
+    uri = store.tracking_uri(cfg)
     if urlparse(uri).scheme not in ("http", "https"):
         raise BadInput(
             f"team commands need an MLflow server with basic auth; the tracking URI is {uri}",
@@ -260,7 +260,7 @@ def require_manage(cfg: DictConfig, action: str) -> None:
     store has no users. The server's admin passes; anyone else needs MANAGE on ``mlflow.registered_model``,
     which the user's own credentials may ask the server about (``users/permissions/get``).
     """
-    uri = runs.tracking_uri(cfg)
+    uri = store.tracking_uri(cfg)
     username = os.environ.get("MLFLOW_TRACKING_USERNAME")
     if urlparse(uri).scheme not in ("http", "https") or not username:
         return

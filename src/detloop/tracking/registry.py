@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from detloop.core import failures
 from detloop.core.errors import MoveConflict, PermissionRefused
 from detloop.tracking import inflight
-from detloop.tracking.runs import default_artifact_root
+from detloop.tracking.store import default_artifact_root
 
 log = logging.getLogger(__name__)
 
@@ -525,49 +525,3 @@ def format_table(rows: list[dict]) -> str:
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines)
-
-
-def _model_versions(cfg: DictConfig) -> list:
-    """Every version of the registered model (none when it does not exist yet)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    name = cfg.mlflow.registered_model
-    try:
-        return list(mlflow.MlflowClient().search_model_versions(f"name='{name}'", max_results=10000))
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return []
-        raise
-
-
-def last_finetune_from_registry(cfg: DictConfig) -> dict | None:
-    """``{version, pool_size, created}`` of the newest fine-tune version of the registered model.
-
-    Fine-tunes are the versions tagged ``kind=finetune``; their pool size is the tag ``pool.size``.
-    None when the model or such versions do not exist. MLflow must be set up (tracking.setup).
-    """
-    name = cfg.mlflow.registered_model
-    finetunes = [v for v in _model_versions(cfg) if (v.tags or {}).get("kind") == "finetune"]
-    for version in sorted(finetunes, key=lambda v: int(v.version), reverse=True):
-        size = (version.tags or {}).get("pool.size")
-        if size is None or not str(size).isdigit():
-            log.warning("%s version %s is a fine-tune without a pool.size tag; skipped", name, version.version)
-            continue
-        created = datetime.fromtimestamp(version.creation_timestamp / 1000, UTC)
-        return {
-            "version": str(version.version),
-            "pool_size": int(size),
-            "created": created.isoformat(timespec="seconds"),
-        }
-    return None
-
-
-def last_base_from_registry(cfg: DictConfig) -> dict | None:
-    """``{version, pool_size}`` of the newest ``kind=base`` version (a base without ``pool.size`` saw no pool)."""
-    bases = [v for v in _model_versions(cfg) if (v.tags or {}).get("kind") == "base"]
-    if not bases:
-        return None
-    newest = max(bases, key=lambda v: int(v.version))
-    size = str((newest.tags or {}).get("pool.size", "0"))
-    return {"version": str(newest.version), "pool_size": int(size) if size.isdigit() else 0}

@@ -18,44 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from detloop.core import failures
 from detloop.core.config import config_hash
-from detloop.core.env import in_project, project_root
-from detloop.core.errors import BadInput, PermissionRefused, TrackingUnavailable
+from detloop.core.env import project_root
+from detloop.core.errors import PermissionRefused, TrackingUnavailable
 from detloop.core.stage import multirun_job
+from detloop.tracking.store import default_artifact_root, tracking_uri
 from detloop.tracking.sweep import SWEEP_JOB_TAG, SWEEP_TAG, parent_run, sweep_folder
 
 log = logging.getLogger(__name__)
-
-
-def _store_dir(cfg: DictConfig, root: Path | None = None) -> Path:
-    return in_project(cfg.mlflow.store_dir, root)
-
-
-def tracking_uri(cfg: DictConfig, root: Path | None = None) -> str:
-    """The configured tracking URI; by default the project's SQLite store under ``mlflow.store_dir``."""
-    uri = cfg.mlflow.tracking_uri
-    if uri:
-        return str(uri)
-    if cfg.mlflow.get("require_server"):
-        raise BadInput(
-            "mlflow.require_server=true (the team profile, mlflow=server) needs a tracking server, and none is set",
-            [
-                "MLFLOW_TRACKING_URI: set it to the team's server, e.g. export MLFLOW_TRACKING_URI=https://mlflow.example.org",
-                "or leave the team profile (mlflow=default) to use the project's local SQLite store",
-            ],
-        )
-    return f"sqlite:///{_store_dir(cfg, root) / 'mlflow.db'}"
-
-
-def default_artifact_root(cfg: DictConfig, root: Path | None = None) -> str | None:
-    """Artifact folder for experiments in the project's own store (None elsewhere: the server decides).
-
-    ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``, which ``mlflow.tracking_uri`` reads,
-    so after setup the key names the project's own store explicitly: that still counts as our store.
-    """
-    own = f"sqlite:///{_store_dir(cfg, root) / 'mlflow.db'}"
-    if cfg.mlflow.tracking_uri and str(cfg.mlflow.tracking_uri) != own:
-        return None
-    return (_store_dir(cfg, root) / "artifacts").as_uri()
 
 
 def setup(cfg: DictConfig, experiment: str | None = None) -> str:
