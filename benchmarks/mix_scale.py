@@ -7,8 +7,9 @@ valid manifest (splits fixed by ``detloop.data.manifest.split_for``, as ``detloo
 * ``detloop.mix.build_mix`` (every pool train sample + a seeded random replay sample of anchor train by
   the ratio table, capped at ``mix.max_old``), repeated ``--repeats`` times; next to it the whole stage
   without MLflow (review check, trigger policy, build_mix, writing ``train.txt``/``val.txt``/``mix.json``);
-* ``python -m detloop.mix`` end to end (process start, Hydra, MLflow store set-up, registry query), on a
-  new and then on an existing MLflow store;
+* ``python -m detloop.mix`` end to end as DVC runs it (process start, Hydra, the registry read, the
+  lists), on a SQLite store holding a base and ``--finetunes`` fine-tune versions; with ``--before-src``
+  another checkout's stage is timed alternately on the same data and store (before/after side by side);
 * the FiftyOne export route of the tutorial "Fine-tune YOLOv8 models for custom use cases with the help
   of FiftyOne", for the same selection, in a child process: import anchor train/val and the pool into a
   (non-persistent) dataset with ``fo.types.YOLOv5Dataset``, take the same number of anchor train samples
@@ -192,15 +193,38 @@ def time_detloop(cfg, repeats: int) -> dict:
     }
 
 
-def time_cli(overrides: list[str], workdir: Path, runs: int) -> list[dict]:
-    """``python -m detloop.mix`` as DVC runs it: a fresh process each time (first run: a new MLflow store)."""
+def seed_registry(cfg, finetunes: int) -> None:
+    """A registry as the loop leaves it: a base and ``finetunes`` fine-tunes (the last on 10 x finetunes pool samples)."""
+    import mlflow
+
+    from detloop.tracking import runs
+
+    runs.setup(cfg)
+    client = mlflow.MlflowClient()
+    name = cfg.mlflow.registered_model
+    client.create_registered_model(name)
+    client.create_model_version(name, "file:///nowhere", tags={"kind": "base"})
+    for i in range(finetunes):
+        client.create_model_version(name, "file:///nowhere", tags={"kind": "finetune", "pool.size": str(10 * (i + 1))})
+
+
+def time_cli(overrides: list[str], workdir: Path, runs: int, before_src: Path | None) -> list[dict]:
+    """``python -m detloop.mix`` as DVC runs it: a fresh process each time, on a store with registered versions.
+
+    With ``before_src`` (another checkout's ``src``), its stage is timed too, alternating with this
+    tree's, on the same data and store: a before/after pair measured side by side.
+    """
     out = []
-    env = {**os.environ, "DETLOOP_ROOT": str(ROOT)}
+    trees = [("this tree", ROOT / "src")] + ([("before", before_src)] if before_src else [])
     for i in range(runs):
-        before = load_average()
-        cmd = [sys.executable, "-m", "detloop.mix", *overrides, f"hydra.run.dir={workdir / 'hydra' / str(i)}"]
-        seconds, _ = timed(lambda cmd=cmd: subprocess.run(cmd, check=True, cwd=workdir, env=env, capture_output=True))
-        out.append({"seconds": round(seconds, 2), "mlflow_store": "existing" if i else "new", "load": before})
+        for label, src in trees:
+            env = {**os.environ, "DETLOOP_ROOT": str(ROOT), "PYTHONPATH": str(src)}
+            before = load_average()
+            cmd = [sys.executable, "-m", "detloop.mix", *overrides, f"hydra.run.dir={workdir / 'hydra' / str(i)}"]
+            seconds, _ = timed(
+                lambda cmd=cmd, env=env: subprocess.run(cmd, check=True, cwd=workdir, env=env, capture_output=True)
+            )
+            out.append({"seconds": round(seconds, 2), "tree": label, "src": str(src), "load": before})
     return out
 
 
@@ -352,14 +376,15 @@ def print_table(report: dict) -> None:
             span(d["build_mix_s"]),
         ),
         (
-            "detloop stage work without MLflow (review check, trigger, retrain check, writing the lists)",
+            "detloop stage work in one process (review check, trigger, retrain check, writing the lists)",
             span(d["stage_without_mlflow_s"]),
         ),
     ]
-    rows += [
-        (f"python -m detloop.mix end to end ({c['mlflow_store']} MLflow store)", f"{c['seconds']:.2f} s")
-        for c in report["cli"]
-    ]
+    versions = report.get("registry", {}).get("versions", 0)
+    for tree in dict.fromkeys(c["tree"] for c in report["cli"]):
+        times = [c["seconds"] for c in report["cli"] if c["tree"] == tree]
+        label = f"python -m detloop.mix end to end, {tree} ({len(times)} runs, store with {versions} versions)"
+        rows.append((label, span(times)))
     fo_report = report.get("fiftyone")
     if fo_report:
         s = fo_report["startup"]
@@ -388,7 +413,13 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=200, help="anchor test images")
     parser.add_argument("--pool", type=int, default=500, help="verified pool samples (all splits)")
     parser.add_argument("--repeats", type=int, default=5, help="timed build_mix runs")
-    parser.add_argument("--cli-runs", type=int, default=2, help="timed `python -m detloop.mix` runs")
+    parser.add_argument("--cli-runs", type=int, default=5, help="timed `python -m detloop.mix` runs")
+    parser.add_argument("--finetunes", type=int, default=10, help="fine-tune versions in the timed store")
+    parser.add_argument(
+        "--before-src",
+        type=Path,
+        help="another checkout's src/ (e.g. `git worktree add /tmp/before HEAD~1`): its stage is timed alternately",
+    )
     parser.add_argument("--fiftyone-runs", type=int, default=2, help="timed FiftyOne routes (0: skip)")
     parser.add_argument("--workdir", type=Path, help="work folder, kept (default: a temporary folder, removed)")
     parser.add_argument("--quick", action="store_true", help="sanity run: 2,000 anchor images, 1 FiftyOne run")
@@ -444,7 +475,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     report["detloop"] = detloop_times
     print(f"timing python -m detloop.mix x{args.cli_runs} (load {load_average()})", flush=True)
     shutil.rmtree(workdir / "mlruns", ignore_errors=True)
-    report["cli"] = time_cli(overrides, workdir, args.cli_runs)
+    seed_registry(cfg, args.finetunes)
+    report["cli"] = time_cli(overrides, workdir, args.cli_runs, args.before_src)
+    report["registry"] = {"versions": 1 + args.finetunes}
     written = (resolve_path(cfg, "build") / "mix" / "train.txt").read_text().splitlines()
     assert len(written) == len(mix["train"]), (len(written), len(mix["train"]))
     if args.fiftyone_runs:
