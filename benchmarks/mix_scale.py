@@ -194,7 +194,7 @@ def time_detloop(cfg, repeats: int) -> dict:
 
 
 def seed_registry(cfg, finetunes: int) -> None:
-    """A registry as the loop leaves it: a base and ``finetunes`` fine-tunes (the last on 10 x finetunes pool samples)."""
+    """A registry as the loop leaves it: a base and ``finetunes`` fine-tunes (the last on 10 x finetunes samples)."""
     import mlflow
 
     from detloop.tracking import runs

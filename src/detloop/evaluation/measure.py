@@ -17,16 +17,24 @@ from detloop.core.config import resolve_path
 from detloop.core.errors import BadInput
 from detloop.core.stage import stage_dir
 from detloop.data.datasets import anchor_images, anchor_names
-from detloop.evaluation import evaluator
+from detloop.evaluation import evaluator, predictions
 from detloop.model.pyfunc import model_weights
 
 
-def predict(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path]) -> list:
-    """One model's detections on ``images`` with the ``conf/evaluate`` settings every measurement uses."""
+def predict(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path], *, hit: dict | None = None) -> list:
+    """One model's detections on ``images`` with the ``conf/evaluate`` settings every measurement uses.
+
+    A pass already made for the same weights, images and settings is reused (``evaluate.cache``,
+    :mod:`detloop.evaluation.predictions`); ``hit`` (a dict) receives ``cached``: whether it was.
+    """
     ev = cfg.evaluate
-    return evaluator.predict(
+    keep = int(ev.get("cache", {}).get("keep", 0))
+    folder = resolve_path(cfg, "build") / "cache" / "predictions" if keep > 0 else None
+    dets, cached = predictions.cached_predict(
+        folder,
         weights,
         images,
+        keep=keep,
         imgsz=imgsz,
         batch=int(ev.batch),
         device=ev.device,
@@ -34,6 +42,9 @@ def predict(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path]) -> l
         iou=float(ev.iou),
         max_det=int(ev.max_det),
     )
+    if hit is not None:
+        hit["cached"] = cached
+    return dets
 
 
 def measure(
@@ -49,8 +60,8 @@ def measure(
     if not images:
         return {"images": 0, "objects": 0}
     gts = evaluator.load_ground_truth(images, num_classes=max(names) + 1)
-    started = time.perf_counter()
-    dets = predict(cfg, weights, imgsz, images)
+    started, hit = time.perf_counter(), {}
+    dets = predict(cfg, weights, imgsz, images, hit=hit)
     inference_s = time.perf_counter() - started
     if keep is not None:  # the caller reuses the predictions (detloop.evaluation.label_check): no second pass
         keep.update(images=list(images), ground_truth=gts, detections=dets)
@@ -71,7 +82,11 @@ def measure(
             for name in names.values()
             if name in found["detection_rate"]["per_class"]
         },
-        "timings": {"inference_s": inference_s, "metrics_s": found["timings"]["metrics_s"]},
+        "timings": {
+            "inference_s": inference_s,
+            "metrics_s": found["timings"]["metrics_s"],
+            "predictions_cached": hit["cached"],
+        },
     }
 
 
