@@ -94,6 +94,29 @@ def score(server, pages: list[bytes]):
     return post(server, "/invocations", json.dumps(payload).encode())
 
 
+def test_the_server_decodes_each_image_once_and_answers_as_the_pyfunc(project, monkeypatch):
+    # given the served version loaded as the server loads it, and a count of the pyfunc's own decodes
+    from detloop.model import pyfunc
+    from detloop.production.batching import Batcher
+    from detloop.production.request_checks import Limits, parse_request
+    from detloop.production.swap import load_version
+
+    served = load_version(project["cfg"].mlflow.registered_model, project["v1"])
+    decoded: list[int] = []
+    real = pyfunc.decode_image
+    monkeypatch.setattr(pyfunc, "decode_image", lambda value, row: decoded.append(row) or real(value, row))
+    pages = [page_bytes(21), page_bytes(22, (200, 150), "PNG")]
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(p)] for p in pages]}}).encode()
+    # when the server path scores the request (checked images, then the batcher)
+    images = parse_request(body, "application/json", Limits.from_cfg(project["cfg"]))
+    answered = Batcher(8).predict(served, images)
+    # then the model got the pixels the check decoded (no second decode) and answered as predict() does
+    assert decoded == []
+    direct = served.model.predict(pd.DataFrame({"image": [b64(p) for p in pages]}))
+    assert decoded == [0, 1] and len(direct) > 0
+    assert [d for dets in answered for d in dets] == direct.to_dict(orient="records")
+
+
 def test_health_names_the_served_version(project, server):
     health = requests.get(f"{server['url']}/health", timeout=10).json()
     assert health["status"] == "ok" and health["version"] == project["v1"] and health["alias"] == "production"

@@ -62,10 +62,8 @@ def _is_file(value: str) -> bool:
         return False
 
 
-def detections_table(results, names: dict[int, str]):
-    """Ultralytics results (one per input row) as the output table."""
-    import pandas as pd
-
+def detection_rows(results, names: dict[int, str]) -> list[list]:
+    """Ultralytics results (one per input row) as output rows (``OUTPUT_COLUMNS`` order, Python scalars)."""
     rows = []
     for index, result in enumerate(results):
         boxes = result.boxes
@@ -76,7 +74,7 @@ def detections_table(results, names: dict[int, str]):
         for cls, conf, b, n in zip(boxes.cls.tolist(), boxes.conf.tolist(), xyxy, xywhn, strict=True):
             cid = int(cls)
             rows.append([index, cid, names.get(cid, str(cid)), float(conf), *map(float, b), *map(float, n)])
-    return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+    return rows
 
 
 class DetectorModel(mlflow.pyfunc.PythonModel):
@@ -103,6 +101,12 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         images = [decode_image(v, i) for i, v in enumerate(frame["image"].tolist())]
         if not images:
             return pd.DataFrame(columns=OUTPUT_COLUMNS)
+        return pd.DataFrame(self.detect(images), columns=OUTPUT_COLUMNS)
+
+    def detect(self, images: list) -> list[list]:
+        """Output rows (``OUTPUT_COLUMNS`` order) for already decoded RGB PIL images, without the table:
+        what ``predict`` does after decoding. ``detloop serve`` calls it with the images it decoded to
+        check them, so each request image is decoded once."""
         results = self.model.predict(
             images,
             conf=self.conf,
@@ -111,7 +115,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
             device=self.device,
             verbose=False,
         )
-        return detections_table(results, self.names)
+        return detection_rows(results, self.names)
 
 
 def signature():

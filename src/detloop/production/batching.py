@@ -106,11 +106,34 @@ class Batcher:
             job.done.set()
 
     def _call(self, served: ServedModel, images: list[CheckedImage]) -> list[list[dict]]:
+        """One model call. A detloop model takes the pixels the request check decoded (its ``detect``);
+        any other pyfunc gets the base64 table of the scoring protocol."""
+        self.calls += 1
+        detect = getattr(_python_model(served.model), "detect", None)
+        if detect is not None and all(im.rgb is not None for im in images):
+            return rows_by_image(detect([im.rgb for im in images]), len(images))
         import pandas as pd
 
-        self.calls += 1
         table = served.model.predict(pd.DataFrame({"image": [im.base64() for im in images]}))
         return predictions_by_row(table, len(images))
+
+
+def _python_model(model):
+    """The PythonModel behind a loaded pyfunc (None for other flavors)."""
+    try:
+        return model.unwrap_python_model()
+    except (AttributeError, ValueError):  # not a PyFuncModel, or not a PythonModel flavor
+        return None
+
+
+def rows_by_image(rows: list[list], count: int) -> list[list[dict]]:
+    """Output rows (``OUTPUT_COLUMNS`` order) as records per input image, as the scoring protocol returns them."""
+    from detloop.model.pyfunc import OUTPUT_COLUMNS
+
+    out: list[list[dict]] = [[] for _ in range(count)]
+    for row in rows:
+        out[int(row[0])].append(dict(zip(OUTPUT_COLUMNS, row, strict=True)))
+    return out
 
 
 def predictions_by_row(table, count: int) -> list[list[dict]]:

@@ -7,7 +7,7 @@ import base64
 import binascii
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -61,6 +61,8 @@ class CheckedImage:
     format: str  # PIL format name, lower case (jpeg, png ...)
     width: int
     height: int
+    # the decoded pixels as the model contract decodes them (PIL, RGB): the model gets these, no second decode
+    rgb: object = field(default=None, compare=False, repr=False)
 
     @property
     def suffix(self) -> str:
@@ -103,6 +105,7 @@ def check_image_bytes(raw: bytes, where: str, limits: Limits) -> CheckedImage:
                     f"{where}: image of {width}x{height} px is larger than serve.limits.max_pixels={limits.max_pixels}",
                 )
             im.load()
+            rgb = im.convert("RGB")  # as decode_image in the model contract: Image.open(...).convert("RGB")
     except RequestRefused:
         raise
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError ...) for bad bytes
@@ -119,7 +122,7 @@ def check_image_bytes(raw: bytes, where: str, limits: Limits) -> CheckedImage:
         raise RequestRefused(
             400, f"{where}: image is {width}x{height} px, smaller than serve.limits.min_side={limits.min_side} px"
         )
-    return CheckedImage(raw, sha256_bytes(raw), fmt, width, height)
+    return CheckedImage(raw, sha256_bytes(raw), fmt, width, height, rgb)
 
 
 def parse_request(body: bytes, content_type: str | None, limits: Limits) -> list[CheckedImage]:
