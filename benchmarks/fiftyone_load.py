@@ -9,7 +9,9 @@ starts a private mongod (FiftyOne's binary) on a free port, and times with detlo
 * storing predictions (jittered ground truth plus false positives, random confidences) with one
   keyed ``set_values`` (what ``add_predictions`` does after inference),
 * ``fo_eval.evaluate`` (COCO method, mAP; the tutorial reports ~140 samples/s on its machine)
-  and, on the same predictions, the gate's evaluator (``evaluator.coco_map``) for comparison.
+  and, on the same predictions, the gate's evaluator (``evaluator.coco_map``) for comparison;
+* what ``detloop inspect`` does instead (``fiftyone.inspect.store_conf``): store the boxes at the serving
+  confidence and match them per sample (TP/FP/FN, no mAP), mAP from the gate's evaluator.
 
 Prints a JSON record with the machine's load average and writes it to
 ``build/benchmarks/fiftyone_load.json``. Needs no network and no model.
@@ -152,6 +154,19 @@ def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generat
     started = time.perf_counter()
     gate = evaluator.coco_map(gts, dets, NAMES)
     gate_s = time.perf_counter() - started
+    # `detloop inspect` (fiftyone.inspect.store_conf): the boxes at the serving confidence are stored and
+    # matched per sample (TP/FP/FN at IoU 0.5, no mAP); mAP is the gate evaluator's on every box (above)
+    serving = float(cfg.fiftyone.inspect.store_conf)
+    started = time.perf_counter()
+    strong = {}
+    for p, d in zip(paths, dets, strict=True):
+        keep = d.conf >= serving
+        strong[p] = fo_load.detections_from_pixels(d.boxes[keep], d.cls[keep], d.conf[keep], (WIDTH, HEIGHT), NAMES)
+    dataset.set_values("predictions_served", strong, key_field="filepath")
+    store_served_s = time.perf_counter() - started
+    started = time.perf_counter()
+    fo_eval.evaluate(dataset, "predictions_served", cfg, compute_mAP=False, iou=float(cfg.gate.new_samples.iou))
+    match_served_s = time.perf_counter() - started
     n = len(dataset)
     return {
         "samples": n,
@@ -169,6 +184,13 @@ def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generat
         "gate_map50": round(gate["map50"], 6),
         "gate_map50_95": round(gate["map50_95"], 6),
         "gate_coco_map_s": round(gate_s, 3),
+        "served_conf": serving,
+        "served_predictions": int(sum(len(v.detections) for v in strong.values())),
+        "store_served_predictions_s": round(store_served_s, 2),
+        "match_served_s": round(match_served_s, 2),
+        "match_served_samples_per_s": round(n / match_served_s, 1),
+        "inspect_path_s": round(load_s + store_served_s + match_served_s + gate_s, 2),
+        "inspect_path_samples_per_s": round(n / (load_s + store_served_s + match_served_s + gate_s), 1),
     }
 
 

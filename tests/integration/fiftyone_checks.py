@@ -132,6 +132,14 @@ def dataset_facts(args: dict) -> dict:
             d: bool(g is not None)
             for d, g in zip(dataset.values("detloop_id"), dataset.values("ground_truth"), strict=True)
         },
+        "min_confidence": {
+            f: dataset.bounds(f"{f}.detections.confidence")[0] for f in fields if f.startswith("predictions_")
+        },
+        "eval_sums": {
+            f: dataset.sum(f)
+            for f in dataset.get_field_schema()
+            if f.startswith("eval_") and f.endswith(("_tp", "_fp", "_fn"))
+        },
     }
 
 

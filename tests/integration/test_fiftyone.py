@@ -27,6 +27,7 @@ import requests
 from PIL import Image
 from tests.conftest import ROOT, tiny_overrides
 from tests.integration.fiftyone_checks import STEPS, synthetic_predictions
+from tests.serving_helpers import detector_weights
 
 from detloop.base import run as run_base
 from detloop.cli.main import main as cli
@@ -123,9 +124,12 @@ def test_inspect_loads_sets_and_its_map_is_the_gates(project, database, tmp_path
     overrides = copy_project(project, database, tmp_path)
     cfg = compose(overrides)
     prefix = cfg.fiftyone.dataset_prefix
+    names = anchor_names(tmp_path / "data/anchor")
+    # (the tiny base is barely trained; a detector with confident boxes of one class shows what is stored)
+    hot = detector_weights(tmp_path / "hot.pt", [names[k] for k in sorted(names)], hot_class=0)
     # when detloop inspect loads anchor test, pool and inbox with the production model's predictions
     args = ["inspect", "--set", "anchor-test", "--set", "pool", "--set", "inbox", "--json"]
-    done = run_detloop(*args, "--model", "1", *overrides)
+    done = run_detloop(*args, "--model", "1", "--model", str(hot), *overrides)
     assert done.returncode == 0, done.stderr[-3000:]
     # then stdout is the JSON alone; the figures and the classification report went to stderr
     first = json.loads(done.stdout)
@@ -154,14 +158,30 @@ def test_inspect_loads_sets_and_its_map_is_the_gates(project, database, tmp_path
     )
     assert facts["labels"]["ground_truth"] == gt_objects
     assert pool["tags"].keys() <= {"train", "val", "holdout"} and sum(pool["tags"].values()) == 12
-    # and its figures equal the gate's evaluator on the same version and images (to 3 decimals)
-    figures = first["datasets"][f"{prefix}-anchor-test"]["figures"]["predictions_v1"]
-    weights, config = model_weights(f"models:/{cfg.mlflow.registered_model}/1", tmp_path / "weights")
+    # and its figures are the gate's evaluator's on the same models and images, digit for digit
     images = sorted((tmp_path / "data/anchor/images/test").glob("*.jpg"))
-    measured = gating.measure(cfg, weights, int(config["imgsz"]), images, anchor_names(tmp_path / "data/anchor"))
-    assert figures["map50"] == pytest.approx(measured["map50"], abs=5e-4)
-    assert figures["map50_95"] == pytest.approx(measured["map50_95"], abs=5e-4)
-    assert figures["eval_key"] == "eval_v1" and len(figures["report"]) >= 3
+    weights, config = model_weights(f"models:/{cfg.mlflow.registered_model}/1", tmp_path / "weights")
+    models = {"predictions_v1": (weights, int(config["imgsz"])), "predictions_hot": (hot, 640)}
+    for field, (path, imgsz) in models.items():
+        figures = first["datasets"][f"{prefix}-anchor-test"]["figures"][field]
+        measured = gating.measure(cfg, path, imgsz, images, names)
+        assert (figures["map50"], figures["map50_95"]) == (measured["map50"], measured["map50_95"]), field
+        assert figures["per_class_ap50"] == measured["ap50"] and len(figures["report"]) >= 3
+    assert first["datasets"][f"{prefix}-anchor-test"]["figures"]["predictions_v1"]["eval_key"] == "eval_v1"
+    # and the dataset holds exactly the pass's boxes at or above the serving confidence, matched per sample
+    # (every labelled object is a TP or an FN of its model's eval key; every stored box a TP or an FP)
+    serving, stored = float(cfg.gate.new_samples.conf), {}
+    settings = {k: cfg.evaluate[k] for k in ("batch", "conf", "iou", "max_det", "device")}
+    for field, (path, imgsz) in models.items():
+        full = evaluator.predict(path, images, imgsz=imgsz, **settings)
+        stored[field] = (sum(int((d.conf >= serving).sum()) for d in full), sum(len(d.conf) for d in full))
+        assert facts["labels"][field] == stored[field][0], field
+    assert stored["predictions_v1"][0] < stored["predictions_v1"][1]  # the weak boxes of the tiny base: left out
+    assert stored["predictions_hot"][0] > 0 and facts["min_confidence"]["predictions_hot"] >= serving
+    sums = facts["eval_sums"]
+    for key, field in (("eval_v1", "predictions_v1"), ("eval_hot", "predictions_hot")):
+        assert sums[f"{key}_tp"] + sums[f"{key}_fn"] == gt_objects
+        assert sums[f"{key}_tp"] + sums[f"{key}_fp"] == stored[field][0]
 
 
 def test_masks_map_equality_views_and_version_compare(project, database, tmp_path):

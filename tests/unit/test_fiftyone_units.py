@@ -73,6 +73,8 @@ def test_the_fiftyone_group_predicts_like_the_gate():
     cfg = compose([])
     assert dict(cfg.fiftyone.predict) == dict(cfg.evaluate)
     assert cfg.fiftyone.evaluate.max_preds == 100 and cfg.fiftyone.app.address == "127.0.0.1"
+    # `detloop inspect` stores what the served model shows: predictions at the serving confidence
+    assert cfg.fiftyone.inspect.store_conf == cfg.gate.new_samples.conf == cfg.finetune.predict.conf
 
 
 def test_app_review_commands_refuse_bad_input_before_any_work(overrides, capsys):

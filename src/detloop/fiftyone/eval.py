@@ -47,9 +47,14 @@ def evaluate(
     gt_field: str = GT_FIELD,
     key: str | None = None,
     classes: list[str] | None = None,
+    compute_mAP: bool | None = None,  # noqa: N803  (FiftyOne's name)
+    iou: float | None = None,
 ):
     """``evaluate_detections`` of ``pred_field`` against ``gt_field`` under ``key`` (default
-    :func:`eval_key`); re-running replaces that key's results. Returns FiftyOne's results."""
+    :func:`eval_key`); re-running replaces that key's results. Returns FiftyOne's results.
+
+    ``compute_mAP`` (default ``fiftyone.evaluate.compute_mAP``) and ``iou`` (the IoU of the per-sample
+    TP/FP/FN matching; FiftyOne's default 0.5) override the configuration."""
     for field in (pred_field, gt_field):
         _check_field(samples, field)
     ev = cfg.fiftyone.evaluate if cfg is not None else None
@@ -57,15 +62,19 @@ def evaluate(
     dataset = samples._dataset
     if key in dataset.list_evaluations():
         dataset.delete_evaluation(key)
+    if compute_mAP is None:
+        compute_mAP = bool(ev.compute_mAP) if ev else True  # noqa: N806
+    extra = {"iou": float(iou)} if iou is not None else {}
     return samples.evaluate_detections(
         pred_field,
         gt_field=gt_field,
         eval_key=key,
         method=str(ev.method) if ev else "coco",
-        compute_mAP=bool(ev.compute_mAP) if ev else True,
+        compute_mAP=compute_mAP,
         max_preds=int(ev.max_preds) if ev else 100,
         classes=classes,
         progress=False,
+        **extra,
     )
 
 

@@ -92,20 +92,39 @@ def inspect_sets(cfg: DictConfig, sets: list[str], models: list[dict], *, evalua
         dataset = fo_load.load_set(cfg, set_name, names)
         datasets[set_name] = dataset
         entry = result["datasets"][dataset.name] = {"samples": len(dataset), "fields": [], "figures": {}}
+        store_conf = cfg.fiftyone.inspect.store_conf
         for model in models:
-            field = fo_load.add_predictions(cfg, dataset, model)
+            kept: dict = {}
+            field = fo_load.add_predictions(
+                cfg, dataset, model, min_conf=None if store_conf is None else float(store_conf), keep=kept
+            )
             entry["fields"].append(field)
             if evaluate and set_name != "inbox" and len(dataset):
-                entry["figures"][field] = _evaluate(cfg, dataset, field, model)
+                entry["figures"][field] = _evaluate(cfg, dataset, field, model, kept)
     return result, datasets
 
 
-def _evaluate(cfg: DictConfig, dataset, field: str, model: dict) -> dict:
-    results = fo_eval.evaluate(dataset, field, cfg)
-    figures = fo_eval.figures(results)
-    threshold = cfg.fiftyone.evaluate.report_conf
-    conf = None if threshold is None else float(threshold)
-    report = fo_eval.report(results, dataset, int(cfg.fiftyone.evaluate.top_n), conf=conf)
+def _evaluate(cfg: DictConfig, dataset, field: str, model: dict, kept: dict) -> dict:
+    """mAP and the classification report of ``field``, and the per-sample TP/FP/FN under its eval key.
+
+    With ``fiftyone.inspect.store_conf`` set, only predictions at or above it are in the dataset: FiftyOne
+    matches those (TP/FP/FN, patches, the report at the serving confidence) without computing mAP, and mAP
+    comes from the gate's evaluator on the whole prediction pass (``kept``), so it is the gate's figure.
+    Without it FiftyOne computes mAP and PR curves from every stored prediction (slow).
+    """
+    store_conf = cfg.fiftyone.inspect.store_conf
+    top_n = int(cfg.fiftyone.evaluate.top_n)
+    if store_conf is None:
+        results = fo_eval.evaluate(dataset, field, cfg)
+        figures = fo_eval.figures(results)
+        threshold = cfg.fiftyone.evaluate.report_conf
+        conf = None if threshold is None else float(threshold)
+        report = fo_eval.report(results, dataset, top_n, conf=conf)
+    else:
+        conf = float(store_conf)
+        results = fo_eval.evaluate(dataset, field, cfg, compute_mAP=False, iou=float(cfg.gate.new_samples.iou))
+        figures = gate_figures(cfg, kept)
+        report = fo_eval.report(results, dataset, top_n)  # every stored prediction is at or above conf
     if conf is not None:
         print(f"classification report at confidence >= {conf:g}:")
     print(
@@ -114,6 +133,28 @@ def _evaluate(cfg: DictConfig, dataset, field: str, model: dict) -> dict:
     )
     print(fo_eval.format_report(report))
     return {**figures, "eval_key": fo_eval.eval_key(field), "report": report}
+
+
+def gate_figures(cfg: DictConfig, kept: dict) -> dict:
+    """mAP50, mAP50-95 and per-class AP50 of a whole prediction pass, by the gate's evaluator and labels."""
+    from detloop.evaluation import evaluator
+
+    names = anchor_names(resolve_path(cfg, "anchor"))  # the classes of every set's labels, as the gate reads them
+    gts = evaluator.load_ground_truth(kept["paths"], num_classes=max(names) + 1)
+    dets = [evaluator.Detections(b, c, s) for b, c, s in kept["detections"]]
+    found = evaluator.evaluate_predictions(
+        gts,
+        dets,
+        names,
+        serving_conf=float(cfg.gate.new_samples.conf),
+        match_iou=float(cfg.gate.new_samples.iou),
+    )
+    return {
+        "map50": found["map50"],
+        "map50_95": found["map50_95"],
+        "per_class_ap50": {name: v["ap50"] for name, v in found["per_class"].items() if v["n_gt"] > 0},
+        "map_source": "detloop evaluator (the gate's), every prediction of the pass",
+    }
 
 
 def launch_app(cfg: DictConfig, dataset) -> None:

@@ -257,15 +257,23 @@ def model_facts(weights: str | Path) -> dict:
 
 
 def predict_images(
-    weights: str | Path, images: Sequence[Path], predict_cfg: DictConfig, imgsz: int, task: str
+    weights: str | Path,
+    images: Sequence[Path],
+    predict_cfg: DictConfig,
+    imgsz: int,
+    task: str,
+    cache: Path | None = None,
+    cache_keep: int = 0,
 ) -> list[tuple]:
     """One prediction pass; per image ``(boxes_xyxy, cls, conf, masks or None)``.
 
     Detection models go through the gate's own :func:`detloop.evaluation.evaluator.predict` with the same
-    settings (so FiftyOne's figures are the gate's); segmentation models through Ultralytics with
-    ``retina_masks`` (masks at the original image size, so the crop to the box is exact).
+    settings (so FiftyOne's figures are the gate's), through the prediction cache when ``cache`` is a
+    folder (:mod:`detloop.evaluation.predictions`: the gate's pass on the same images is reused);
+    segmentation models through Ultralytics with ``retina_masks`` (masks at the original image size, so
+    the crop to the box is exact).
     """
-    from detloop.evaluation import evaluator
+    from detloop.evaluation import predictions
 
     args = {
         "imgsz": imgsz,
@@ -276,7 +284,8 @@ def predict_images(
         "max_det": int(predict_cfg.max_det),
     }
     if task != "segment":
-        return [(d.boxes, d.cls, d.conf, None) for d in evaluator.predict(weights, images, **args)]
+        dets, _ = predictions.cached_predict(cache, weights, list(images), keep=cache_keep, **args)
+        return [(d.boxes, d.cls, d.conf, None) for d in dets]
     from detloop.model.yolo import load_model
 
     model = load_model(weights)
@@ -297,9 +306,16 @@ def predict_images(
     return out
 
 
-def add_predictions(cfg: DictConfig, dataset, model: dict, view=None) -> str:
+def add_predictions(
+    cfg: DictConfig, dataset, model: dict, view=None, *, min_conf: float | None = None, keep: dict | None = None
+) -> str:
     """Predict with ``model`` (``{weights, version?, imgsz?}``) on the dataset (or ``view``) and store the
-    detections in its prediction field with one batched write; returns the field name."""
+    detections in its prediction field with one batched write; returns the field name.
+
+    ``min_conf``: only detections at or above it are stored (the prediction pass itself is the gate's,
+    down to ``predict.conf``). ``keep`` (a dict) receives ``paths``, ``names`` and every detection of the
+    pass (``detections``: per path ``(boxes_xyxy, cls, conf)``), for figures computed without the database.
+    """
     field = prediction_field(model)
     facts = model_facts(model["weights"])
     imgsz = int(model.get("imgsz") or facts["imgsz"])
@@ -308,13 +324,29 @@ def add_predictions(cfg: DictConfig, dataset, model: dict, view=None) -> str:
     if not paths:
         return field
     sizes = zip(samples.values("metadata.width"), samples.values("metadata.height"), strict=True)
-    found = predict_images(model["weights"], [Path(p) for p in paths], cfg.fiftyone.predict, imgsz, facts["task"])
-    values = {
-        path: detections_from_pixels(b, c, s, size, facts["names"], masks)
-        for path, (b, c, s, masks), size in zip(paths, found, sizes, strict=True)
-    }
+    keep_n = int(cfg.evaluate.get("cache", {}).get("keep", 0))
+    found = predict_images(
+        model["weights"],
+        [Path(p) for p in paths],
+        cfg.fiftyone.predict,
+        imgsz,
+        facts["task"],
+        cache=resolve_path(cfg, "build") / "cache" / "predictions" if keep_n > 0 else None,
+        cache_keep=keep_n,
+    )
+    if keep is not None:
+        keep.update(paths=list(paths), names=facts["names"], detections=[(b, c, s) for b, c, s, _ in found])
+    values = {}
+    for path, (b, c, s, masks), size in zip(paths, found, sizes, strict=True):
+        if min_conf is not None:
+            strong = np.flatnonzero(np.asarray(s) >= float(min_conf))
+            b, c, s = np.asarray(b)[strong], np.asarray(c)[strong], np.asarray(s)[strong]
+            masks = [masks[i] for i in strong] if masks is not None else None
+        values[path] = detections_from_pixels(b, c, s, size, facts["names"], masks)
     samples.set_values(field, values, key_field="filepath")
-    dataset.info.setdefault("models", {})[field] = {k: str(v) for k, v in model.items() if v is not None}
+    info = {k: str(v) for k, v in model.items() if v is not None}
+    info["stored_conf"] = str(min_conf if min_conf is not None else cfg.fiftyone.predict.conf)
+    dataset.info.setdefault("models", {})[field] = info
     dataset.save()
     log.info("%s: %s on %d samples (%s, imgsz %d)", dataset.name, field, len(paths), facts["task"], imgsz)
     return field
