@@ -186,9 +186,12 @@ def test_inspect_loads_sets_and_its_map_is_the_gates(project, database, tmp_path
 
 def test_masks_map_equality_views_and_version_compare(project, database, tmp_path):
     overrides = copy_project(project, database, tmp_path)
+    import torch
+
     from detloop.model.yolo import ultralytics
 
     seg = tmp_path / "yolov8n-seg-untrained.pt"
+    torch.manual_seed(0)  # the untrained network's boxes depend on its random initialisation: fixed here
     model = ultralytics().YOLO("yolov8n-seg.yaml")
     for branch in model.model.model[-1].cv3:  # class scores 0.5 instead of ~1e-5: detections and masks to convert
         branch[-1].bias.data.fill_(0.0)
