@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 OPENCV := opencv-python-headless==4.14.0.94
 PYTEST_ARGS ?=
 
-.PHONY: install chromium demo test test-team team-deps ui lint clean-build
+.PHONY: install chromium demo test test-slow test-team team-deps ui lint clean-build
 
 install: $(STAMP)
 
@@ -39,7 +39,12 @@ demo: install
 	@echo "MLflow UI: make ui   (then open http://127.0.0.1:5000)"
 
 test: install chromium
-	$(BIN)/python -m pytest -m "not team" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not team and not slow" $(PYTEST_ARGS)
+
+# The slow tests (marker `slow`: the README's pipeline on fresh clones, the UI drives in Chromium, Label
+# Studio, FiftyOne's App, the recipe search, the shared server's races). CI runs them after `make test`.
+test-slow: install chromium labelstudio
+	$(BIN)/python -m pytest -m "slow and not team" $(PYTEST_ARGS)
 
 # The team setting's tests (tests/team/, marker `team`): real PostgreSQL, moto S3, an MLflow server with
 # basic auth, two clones, a single-node SLURM. CI runs them after `make test`.
@@ -94,5 +99,4 @@ labelstudio-up: install
 labelstudio-down: install
 	$(BIN)/detloop annotation down
 
-# the UI test corrects boxes in a real Label Studio (tests/integration/test_labelstudio.py)
-test: labelstudio
+# the UI test corrects boxes in a real Label Studio (tests/integration/test_labelstudio.py, a slow test)

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image, ImageDraw
 from tests.e2e.test_pipeline import copy_working_tree, git, sh, versions
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NAMES = ["box", "disc"]
 SPLITS = {"train": 8, "val": 4, "test": 4}

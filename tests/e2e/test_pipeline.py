@@ -19,7 +19,7 @@ import mlflow
 import pytest
 from ruamel.yaml import YAML
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -42,7 +42,7 @@ from detloop.fiftyone.db import Mongod, connect, start_mongod, stop_mongod
 from detloop.fiftyone.inspection import inspect_sets
 from detloop.model.pyfunc import model_weights
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 class Database:

@@ -30,7 +30,7 @@ from detloop.finetune import run as run_finetune
 from detloop.gate import run as run_gate
 from detloop.mix import run as run_mix
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 COLOURS = {0: (220, 30, 30), 1: (30, 30, 220)}  # class 0 red, class 1 blue
 SIZE = 64

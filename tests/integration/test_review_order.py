@@ -28,7 +28,7 @@ from detloop.data.demo import render_sample
 from detloop.data.inbox import add_to_inbox, report_id
 from detloop.data.manifest import read_manifest, sha256_file
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def negative_scan(cfg, folder: Path) -> Path:

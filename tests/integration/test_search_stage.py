@@ -27,7 +27,7 @@ from detloop.mix import run as run_mix
 from detloop.promote import run as run_promote
 from detloop.tracking import registry
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SPACE = [  # two quick trials: lr0 and the replay share searched, the rest of the recipe as configured
     "search.trials=2",

@@ -26,7 +26,7 @@ from detloop.core.errors import PermissionRefused
 from detloop.core.stage import stage_dir, write_json
 from detloop.tracking import registry, runs, sweep
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Runs `detloop ARGS` (or the promote stage: `stage OVERRIDES`) with a pause at registry.<HOOK>: before the
 # call for move_alias (the command has read the holder), after it for record_move (the audit run is open).

@@ -28,7 +28,7 @@ from detloop.core.config import compose
 from detloop.core.env import free_port
 from detloop.tracking import registry
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DETLOOP = str(Path(sys.executable).parent / "detloop")
 SECRET = "ui-moves-test-secret"
