@@ -82,17 +82,12 @@ def one_round(project: Path, src: Path) -> dict:
 def training_seconds(project: Path) -> dict:
     """Durations of the demo's training runs (stages base and finetune) in the project's MLflow store."""
     code = (
-        "import json, mlflow\n"
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "from demo_run import stage_durations\n"
         "from detloop.core.config import compose\n"
-        "from detloop.tracking import runs\n"
-        "cfg = compose([]); runs.setup(cfg)\n"
-        "out = {}\n"
-        "for r in sorted(mlflow.search_runs(experiment_names=[cfg.mlflow.experiment], output_format='list'),"
-        " key=lambda r: r.info.start_time):\n"
-        "    stage = r.data.tags.get('stage')\n"
-        "    if stage in ('base', 'finetune') and r.info.end_time and stage not in out:\n"
-        "        out[stage] = round((r.info.end_time - r.info.start_time) / 1000, 1)\n"
-        "print(json.dumps(out))\n"
+        "found = stage_durations(compose([]))\n"
+        "print(json.dumps({k: v for k, v in found.items() if k in ('base', 'finetune')}))\n"
     )
     env = {**bin_env(), "DETLOOP_ROOT": str(project), "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True)

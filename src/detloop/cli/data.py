@@ -97,7 +97,7 @@ def cmd_pool_status(args) -> int:
     pushed = remote.remote_status(cfg)  # retries an owed push first
     runs.setup(cfg)
     oversight.watch(cfg)  # moves made in the MLflow UI are in the audit trail before anything reads it
-    registered = versions.model_versions(cfg)
+    registered = versions.model_versions(cfg, set_up=True)
     status = pool.trigger_status(cfg, versions.last_finetune(cfg, registered))
     retrain = pool.retrain_status(cfg, versions.last_base(cfg, registered))
     if args.json:

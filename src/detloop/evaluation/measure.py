@@ -28,8 +28,7 @@ def predict(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path], *, h
     :mod:`detloop.evaluation.predictions`); ``hit`` (a dict) receives ``cached``: whether it was.
     """
     ev = cfg.evaluate
-    keep = int(ev.get("cache", {}).get("keep", 0))
-    folder = resolve_path(cfg, "build") / "cache" / "predictions" if keep > 0 else None
+    folder, keep = predictions.cache_settings(cfg)
     dets, cached = predictions.cached_predict(
         folder,
         weights,
@@ -65,6 +64,14 @@ def measure(
     inference_s = time.perf_counter() - started
     if keep is not None:  # the caller reuses the predictions (detloop.evaluation.label_check): no second pass
         keep.update(images=list(images), ground_truth=gts, detections=dets)
+    figures = score(cfg, gts, dets, names)
+    figures["timings"]["inference_s"] = inference_s
+    figures["timings"]["predictions_cached"] = hit["cached"]
+    return figures
+
+
+def score(cfg: DictConfig, gts: list, dets: list, names: dict[int, str]) -> dict:
+    """The figures :func:`measure` reports, from ground truth and a prediction pass already made."""
     found = evaluator.evaluate_predictions(
         gts, dets, names, serving_conf=float(cfg.gate.new_samples.conf), match_iou=float(cfg.gate.new_samples.iou)
     )
@@ -82,11 +89,7 @@ def measure(
             for name in names.values()
             if name in found["detection_rate"]["per_class"]
         },
-        "timings": {
-            "inference_s": inference_s,
-            "metrics_s": found["timings"]["metrics_s"],
-            "predictions_cached": hit["cached"],
-        },
+        "timings": {"metrics_s": found["timings"]["metrics_s"]},
     }
 
 

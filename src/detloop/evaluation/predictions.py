@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detloop.core.config import resolve_path
 from detloop.data.manifest import sha256_file
 from detloop.evaluation import evaluator
 from detloop.evaluation.evaluator import Detections
@@ -106,6 +107,12 @@ def prune(folder: Path, keep: int) -> None:
     entries = sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
     for stale in entries[max(keep, 0) :]:
         stale.unlink(missing_ok=True)
+
+
+def cache_settings(cfg) -> tuple[Path | None, int]:
+    """The cache folder (``build/cache/predictions``; None when off) and the entries kept (``evaluate.cache``)."""
+    keep = int(cfg.evaluate.get("cache", {}).get("keep", 0))
+    return (resolve_path(cfg, "build") / "cache" / "predictions" if keep > 0 else None), keep
 
 
 def cached_predict(folder: Path | None, weights: str | Path, images: list[Path], keep: int = 64, **settings):

@@ -138,21 +138,15 @@ def _evaluate(cfg: DictConfig, dataset, field: str, model: dict, kept: dict) -> 
 def gate_figures(cfg: DictConfig, kept: dict) -> dict:
     """mAP50, mAP50-95 and per-class AP50 of a whole prediction pass, by the gate's evaluator and labels."""
     from detloop.evaluation import evaluator
+    from detloop.evaluation.measure import score
 
     names = anchor_names(resolve_path(cfg, "anchor"))  # the classes of every set's labels, as the gate reads them
     gts = evaluator.load_ground_truth(kept["paths"], num_classes=max(names) + 1)
-    dets = [evaluator.Detections(b, c, s) for b, c, s in kept["detections"]]
-    found = evaluator.evaluate_predictions(
-        gts,
-        dets,
-        names,
-        serving_conf=float(cfg.gate.new_samples.conf),
-        match_iou=float(cfg.gate.new_samples.iou),
-    )
+    found = score(cfg, gts, [evaluator.Detections(b, c, s) for b, c, s in kept["detections"]], names)
     return {
         "map50": found["map50"],
         "map50_95": found["map50_95"],
-        "per_class_ap50": {name: v["ap50"] for name, v in found["per_class"].items() if v["n_gt"] > 0},
+        "per_class_ap50": found["ap50"],
         "map_source": "detloop evaluator (the gate's), every prediction of the pass",
     }
 

@@ -324,15 +324,11 @@ def add_predictions(
     if not paths:
         return field
     sizes = zip(samples.values("metadata.width"), samples.values("metadata.height"), strict=True)
-    keep_n = int(cfg.evaluate.get("cache", {}).get("keep", 0))
+    from detloop.evaluation.predictions import cache_settings
+
+    cache, cache_keep = cache_settings(cfg)
     found = predict_images(
-        model["weights"],
-        [Path(p) for p in paths],
-        cfg.fiftyone.predict,
-        imgsz,
-        facts["task"],
-        cache=resolve_path(cfg, "build") / "cache" / "predictions" if keep_n > 0 else None,
-        cache_keep=keep_n,
+        model["weights"], [Path(p) for p in paths], cfg.fiftyone.predict, imgsz, facts["task"], cache, cache_keep
     )
     if keep is not None:
         keep.update(paths=list(paths), names=facts["names"], detections=[(b, c, s) for b, c, s, _ in found])

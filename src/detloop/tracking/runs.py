@@ -21,7 +21,7 @@ from detloop.core.config import config_hash
 from detloop.core.env import project_root
 from detloop.core.errors import PermissionRefused, TrackingUnavailable
 from detloop.core.stage import multirun_job
-from detloop.tracking.store import default_artifact_root, tracking_uri
+from detloop.tracking.store import default_artifact_root, sqlite_file, tracking_uri
 from detloop.tracking.sweep import SWEEP_JOB_TAG, SWEEP_TAG, parent_run, sweep_folder
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ def setup(cfg: DictConfig, experiment: str | None = None) -> str:
     uri = tracking_uri(cfg)
     scheme = urlparse(uri).scheme
     lock = contextlib.nullcontext()
-    if scheme == "sqlite":
-        db = Path(uri.removeprefix("sqlite:///"))
+    db = sqlite_file(uri)
+    if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         # concurrent first use (parallel sweep jobs, two stages) would race on MLflow's schema
         # migration and on creating the experiment: one process at a time does the get-or-create

@@ -16,12 +16,13 @@ from detloop.tracking import store
 log = logging.getLogger(__name__)
 
 
-def model_versions(cfg: DictConfig) -> list:
+def model_versions(cfg: DictConfig, *, set_up: bool = False) -> list:
     """Every version of the registered model (none when it does not exist yet), newest first.
 
     Items carry ``version``, ``tags`` and ``creation_timestamp`` (MLflow ``ModelVersion`` or
     :class:`detloop.tracking.store.VersionRow`). Another store than the project's SQLite file is
-    set up first (:func:`detloop.tracking.runs.setup`: unreachable or refusing servers exit 3).
+    set up first (:func:`detloop.tracking.runs.setup`: unreachable or refusing servers exit 3),
+    unless the caller did that already (``set_up=True``).
     """
     name = cfg.mlflow.registered_model
     rows = store.sqlite_versions(store.tracking_uri(cfg), name)
@@ -32,7 +33,8 @@ def model_versions(cfg: DictConfig) -> list:
 
     from detloop.tracking import runs
 
-    runs.setup(cfg)
+    if not set_up:
+        runs.setup(cfg)
     try:
         found = list(mlflow.MlflowClient().search_model_versions(f"name='{name}'", max_results=10000))
     except MlflowException as err:
