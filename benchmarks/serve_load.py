@@ -7,6 +7,8 @@ gives it ``production``. Then, on the same images in the same order:
 
 * **direct**: ``mlflow.pyfunc.load_model(...).predict`` on a one-row table (base64 image), one call at
   a time in this process; and **direct, batched**: eight rows per call (the model's throughput ceiling);
+  both as served (the version's ONNX export on ONNX Runtime) and, alternating with it, with the same
+  version's PyTorch weights (``model_config={"runtime": "torch"}``): ``runtime_speedup``;
 * **server, sequential**: ``detloop serve`` as a subprocess on 127.0.0.1, one request at a time
   (``dataframe_split`` JSON, one image per request);
 * **server, concurrent**: ``--requests`` requests (default 2,000) from ``--concurrency`` (8) client
@@ -102,12 +104,14 @@ def stats(latencies_ms: list[float], seconds: float) -> dict:
     }
 
 
-def load_direct(cfg):
-    """The production version loaded in this process and warmed up, as the server loads it."""
+def load_direct(cfg, runtime: str | None = None):
+    """The production version loaded in this process and warmed up, as the server loads it (``runtime``:
+    override the recorded ``auto``, e.g. ``torch`` for the PyTorch weights of the same version)."""
     import mlflow.pyfunc
     import pandas as pd
 
-    model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}@production")
+    config = {"runtime": runtime} if runtime else None
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}@production", model_config=config)
     model.predict(pd.DataFrame({"image": [_blank()]}))  # warm-up, as the server does when it loads
     return model
 
@@ -209,6 +213,9 @@ def main() -> None:
             "version": version,
         }
         model = load_direct(cfg)
+        torch_model = load_direct(cfg, "torch")
+        result["runtime"] = model.unwrap_python_model().runtime
+        result["providers"] = model.unwrap_python_model().providers
         proc, url = start_serve(overrides, work / "serve.log")
         sent: set[str] = set()
         try:
@@ -217,12 +224,19 @@ def main() -> None:
                 pair = {
                     "direct": direct(model, images, args.sequential),
                     "server": over_http(url, images, args.sequential, 1),
+                    "direct_torch": direct(torch_model, images, args.sequential),
                 }
                 sent |= set(pair["server"].pop("request_ids"))
                 pair["overhead_ratio_p50"] = round(pair["server"]["p50_ms"] / pair["direct"]["p50_ms"], 2)
                 rounds.append(pair)
             result["sequential_rounds"] = rounds
-            result["direct_batched"] = direct(model, images, args.sequential * 4, batch=8)
+            batched = {"onnx": [], "torch": []}
+            for _ in range(args.rounds):  # the ceiling of each runtime, alternating
+                batched["onnx"].append(direct(model, images, args.sequential * 4, batch=8))
+                batched["torch"].append(direct(torch_model, images, args.sequential * 4, batch=8))
+            pick = {k: sorted(v, key=lambda r: r["images_per_s"])[len(v) // 2] for k, v in batched.items()}
+            result["direct_batched"], result["direct_batched_torch"] = pick["onnx"], pick["torch"]
+            result["direct_batched_rounds"] = batched
             result["server_concurrent"] = over_http(url, images, args.requests, args.concurrency)
             sent |= set(result["server_concurrent"].pop("request_ids"))
         finally:
@@ -243,6 +257,17 @@ def main() -> None:
             "server_p95_ms": median(r["server"]["p95_ms"] for r in rounds),
             "server_requests_per_s": median(r["server"]["requests_per_s"] for r in rounds),
             "overhead_ratio_p50": median(r["overhead_ratio_p50"] for r in rounds),
+            "direct_torch_p50_ms": median(r["direct_torch"]["p50_ms"] for r in rounds),
+            "direct_torch_requests_per_s": median(r["direct_torch"]["requests_per_s"] for r in rounds),
+        }
+        # the served runtime (the version's ONNX export on ONNX Runtime) against its PyTorch weights
+        result["runtime_speedup"] = {
+            "one_image_per_call": round(
+                result["median"]["direct_requests_per_s"] / result["median"]["direct_torch_requests_per_s"], 2
+            ),
+            "batched": round(
+                result["direct_batched"]["images_per_s"] / result["direct_batched_torch"]["images_per_s"], 2
+            ),
         }
         result["concurrent_share_of_batched_ceiling"] = round(
             result["server_concurrent"]["requests_per_s"] / result["direct_batched"]["images_per_s"], 2

@@ -49,7 +49,14 @@ def test_the_gate_compares_the_candidate_with_production_and_records_the_decisio
     record = json.loads((base / "build" / "gate" / "decision.json").read_text())
     # then v2 was measured against v1 (production) on the same sets, with every gate
     assert record["candidate"]["version"] == "2" and record["production"] == {"version": "1", "alias": "production"}
-    assert set(record["gates"]) == {"regression", "new_samples", "ab"}
+    assert set(record["gates"]) == {"regression", "new_samples", "ab", "served"}
+    # the served runtime (the version's ONNX export) measured on the Gate 1 and Gate 2 sets beside the weights
+    served = record["gates"]["served"]
+    assert served["runtime"].startswith("onnxruntime ")
+    assert set(record["measured"]["served"]) == {"anchor_test", "pool_holdout"}
+    assert served["served_map50"] == record["measured"]["served"]["anchor_test"]["map50"]
+    gap = abs(served["served_map50"] - record["measured"]["candidate"]["anchor_test"]["map50"]) * 100
+    assert served["map50_gap"] == gap and served["decision"] == ("pass" if gap <= 1.0 else "review")
     assert record["decision"] == gates.combine(record["gates"])
     cand, ref = record["measured"]["candidate"], record["measured"]["reference"]
     assert cand["anchor_test"]["images"] == ref["anchor_test"]["images"] == 8

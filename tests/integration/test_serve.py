@@ -120,6 +120,8 @@ def test_the_server_decodes_each_image_once_and_answers_as_the_pyfunc(project, m
 def test_health_names_the_served_version(project, server):
     health = requests.get(f"{server['url']}/health", timeout=10).json()
     assert health["status"] == "ok" and health["version"] == project["v1"] and health["alias"] == "production"
+    # served from the ONNX export logged with the version, on ONNX Runtime's CPU provider
+    assert health["runtime"] == "onnx" and health["providers"] == ["CPUExecutionProvider"]
     assert requests.get(f"{server['url']}/version", timeout=10).json()["model_version"] == project["v1"]
 
 

@@ -161,7 +161,7 @@ def predict(
     """
     from tqdm import tqdm
 
-    from detloop.model.yolo import load_model
+    from detloop.model.runtime import load_detector
 
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -169,7 +169,7 @@ def predict(
     unreadable = [problem for _, problem in map(_read_size, paths) if problem]
     if unreadable:
         raise BadInput(f"prediction on {len(paths)} images: {len(unreadable)} cannot be read", unreadable)
-    model = load_model(weights)
+    model = load_detector(weights, imgsz=imgsz, device=device)  # a .pt, or an .onnx export on ONNX Runtime
     args = dict(imgsz=imgsz, batch=batch, conf=conf, iou=iou, max_det=max_det, device=device)
     out: list[Detections] = []
     with tqdm(total=len(paths), desc=f"predict {Path(weights).name}", unit="img", disable=None) as bar:

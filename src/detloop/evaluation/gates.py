@@ -124,6 +124,35 @@ def ab_gate(cfg: DictConfig, cand: dict, ref: dict) -> dict:
     }
 
 
+def served_gate(cfg: DictConfig, cand: dict, served: dict | None, runtime: str) -> dict:
+    """What is gated is what is served: the version's served runtime (its ONNX export) measured on the
+    Gate 1 and Gate 2 sets must give the gated figures within ``gate.served.max_gap`` points."""
+    if served is None:
+        return {
+            "decision": "pass",
+            "runtime": runtime,
+            "text": f"Served model: {runtime}, the weights gated above.",
+        }
+    max_gap = float(cfg.gate.served.max_gap)
+    pairs = {"map50": ("anchor_test", "map50"), "detection_rate": ("pool_holdout", "detection_rate")}
+    out: dict = {"runtime": runtime}
+    gaps = {}
+    for name, (key, figure) in pairs.items():
+        if not served.get(key, {}).get("objects"):
+            continue
+        out[f"served_{name}"] = served[key][figure]
+        gaps[name] = abs(served[key][figure] - cand[key][figure]) * 100.0
+        out[f"{name}_gap"] = gaps[name]
+    worst = max(gaps.values(), default=0.0)
+    decision = "pass" if worst <= max_gap else str(cfg.gate.served.on_fail)
+    if decision not in ("review", "reject", "pass"):
+        raise BadInput(f"gate.served.on_fail={decision!r} is not review or reject", ["conf/gate/default.yaml"])
+    listed = ", ".join(f"{k} {out[f'served_{k}']:.4f} ({gaps[k]:.2f} points)" for k in gaps)
+    out["decision"] = decision
+    out["text"] = f"Served model ({runtime}) {decision.upper()}: {listed}; largest gap allowed {max_gap} points."
+    return out
+
+
 def combine(gates: dict[str, dict]) -> str:
     decisions = [g["decision"] for g in gates.values()]
     return "reject" if "reject" in decisions else "review" if "review" in decisions else "pass"
@@ -152,6 +181,9 @@ def figures(gates: dict, cand: dict, ref: dict) -> dict[str, float]:
         out["gate.trained_on.detection_rate"] = new["trained_on_detection_rate"]
     if "ab" in gates:
         out["gate.ab.worst_drop"] = gates["ab"]["worst_drop"]
+    served = gates.get("served", {})
+    out.update({f"gate.served.{k}": served[k] for k in ("served_map50", "served_detection_rate") if k in served})
+    out.update({f"gate.served.{k}": served[k] for k in ("map50_gap", "detection_rate_gap") if k in served})
     return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
 
 

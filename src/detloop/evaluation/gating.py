@@ -25,10 +25,20 @@ from detloop.data import pool
 from detloop.data.datasets import anchor_images, anchor_names
 from detloop.data.yolo_format import is_image_name
 from detloop.evaluation import evaluator, label_check
-from detloop.evaluation.gates import TAG_FIGURES, ab_gate, combine, figures, new_samples_gate, regression_gate, summary
+from detloop.evaluation.gates import (
+    TAG_FIGURES,
+    ab_gate,
+    combine,
+    figures,
+    new_samples_gate,
+    regression_gate,
+    served_gate,
+    summary,
+)
 from detloop.evaluation.measure import figure_tags, measure
 from detloop.evaluation.report import per_class_plot, report_markdown
-from detloop.model.pyfunc import model_weights
+from detloop.model import runtime
+from detloop.model.pyfunc import exported_onnx, model_weights
 from detloop.tracking import oversight, records, registry, runs
 
 log = logging.getLogger(__name__)
@@ -99,6 +109,7 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
     sets = gate_sets(cfg)
     results: dict[str, dict] = {}
     kept: dict[str, dict] = {key: {} for key in label_check.GATE_SETS}  # the candidate's pool predictions, reused
+    served_as = "torch"
     with tempfile.TemporaryDirectory(dir=stage_dir(cfg, "gate")) as tmp:
         for role, version in (("candidate", candidate), ("reference", reference)):
             weights, config = model_weights(f"models:/{name}/{version}", Path(tmp) / role)
@@ -107,6 +118,11 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
                 key: measure(cfg, weights, imgsz, images, names, keep=kept.get(key) if role == "candidate" else None)
                 for key, images in sets.items()
             }
+            if role == "candidate":
+                served_as, served_file = _served(cfg, weights, config)
+                if served_file is not None:  # the served runtime on the sets Gates 1 and 2 decide on
+                    checked = ("anchor_test", "pool_holdout")
+                    results["served"] = {key: measure(cfg, served_file, imgsz, sets[key], names) for key in checked}
     cand, ref = results["candidate"], results["reference"]
     gates = {
         "regression": regression_gate(cfg, cand["anchor_test"], ref["anchor_test"]),
@@ -114,6 +130,7 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
     }
     if "ab" in sets:
         gates["ab"] = ab_gate(cfg, cand["ab"], ref["ab"])
+    gates["served"] = served_gate(cfg, cand, results.get("served"), served_as)
     decision = combine(gates)
     mv = registry.client().get_model_version(name, candidate)
     record = {
@@ -125,7 +142,7 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
         "figures": figures(gates, cand, ref),
         "sets": {key: {"images": cand[key]["images"], "objects": cand[key]["objects"]} for key in sets},
         "summary": summary(candidate, reference, alias, decision, gates),
-        "measured": {"candidate": cand, "reference": ref},
+        "measured": results,
         "label_check": label_check.at_gate(cfg, candidate, kept, names),  # pool labels the models contradict
     }
     note = oversight.held_against_rules(cfg, alias, reference)
@@ -135,6 +152,16 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
     _record(cfg, record)
     log.info("%s", record["summary"])
     return record
+
+
+def _served(cfg: DictConfig, weights: Path, config: dict) -> tuple[str, Path | None]:
+    """The runtime the candidate will be served with (its config's ``runtime``, as ``serve`` chooses) and
+    the file to measure for the served-model check (None: the weights already gated, or the check is off)."""
+    exported = exported_onnx(weights)
+    chosen = runtime.choose(str(config.get("runtime") or "auto"), exported)
+    if chosen == "torch" or not cfg.gate.served.enabled:
+        return chosen, None
+    return f"onnxruntime {runtime.onnx_version()}", exported
 
 
 def _record(cfg: DictConfig, record: dict) -> None:

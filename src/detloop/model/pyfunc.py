@@ -81,15 +81,23 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
     """YOLO weights behind the pyfunc interface."""
 
     def load_context(self, context):
-        from detloop.model.yolo import ultralytics
+        from detloop.model import runtime
 
-        self.model = ultralytics().YOLO(context.artifacts[WEIGHTS_ARTIFACT])
         config = dict(context.model_config or {})
         self.conf = float(config.get("conf", 0.25))
         self.iou = float(config.get("iou", 0.7))
         self.imgsz = int(config.get("imgsz", 640))
         self.device = config.get("device") or None
+        exported = context.artifacts.get(runtime.ONNX_ARTIFACT)
+        self.runtime = runtime.choose(str(config.get("runtime") or "auto"), Path(exported) if exported else None)
+        weights = exported if self.runtime == "onnx" else context.artifacts[WEIGHTS_ARTIFACT]
+        threads = config.get("threads")
+        self.model = runtime.load_detector(
+            weights, imgsz=self.imgsz, device=self.device, threads=int(threads) if threads else None
+        )
+        self.providers = runtime.providers(self.model) if self.runtime == "onnx" else ["torch"]
         self.names = {int(k): v for k, v in self.model.names.items()}
+        log.info("detector loaded on %s (%s)", self.runtime, ", ".join(self.providers))
 
     def predict(self, context, model_input, params=None):
         """Detections for every row of ``model_input`` (confidence >= the model's ``conf``)."""
@@ -128,23 +136,38 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_detector(weights: str | Path, model_config: dict, registered_model_name: str | None = None):
+def log_detector(
+    weights: str | Path, model_config: dict, registered_model_name: str | None = None, *, onnx: bool = True
+):
     """Log ``weights`` as an MLflow pyfunc model in the active run; register it if a name is given.
 
-    Returns the ModelInfo (``registered_model_version`` is set when registered).
+    With ``onnx`` the weights are also exported to ONNX at the model's ``imgsz`` and logged beside them
+    (artifact ``onnx``): what ``serve`` runs (``runtime`` in ``model_config``, see
+    :mod:`detloop.model.runtime`). Returns the ModelInfo (``registered_model_version`` is set when
+    registered).
     """
+    import tempfile
+
+    from detloop.model import runtime
+
     package = Path(__file__).resolve().parents[1]  # the whole detloop package travels with the model
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(package / "serving_model.py"),
-        input_example=input_example(),
-        artifacts={WEIGHTS_ARTIFACT: str(weights)},
-        code_paths=[str(package)],
-        signature=signature(),
-        model_config=model_config,
-        registered_model_name=registered_model_name,
-        pip_requirements=_pip_requirements(),
-    )
+    config = {"runtime": "auto", **model_config}
+    with tempfile.TemporaryDirectory(prefix="detloop-model-") as tmp:
+        artifacts = {WEIGHTS_ARTIFACT: str(weights)}
+        if onnx:
+            exported = runtime.export_onnx(weights, int(config.get("imgsz", 640)), Path(tmp))
+            artifacts[runtime.ONNX_ARTIFACT] = str(exported)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(package / "serving_model.py"),
+            input_example=input_example(),
+            artifacts=artifacts,
+            code_paths=[str(package)],
+            signature=signature(),
+            model_config=config,
+            registered_model_name=registered_model_name,
+            pip_requirements=_pip_requirements(onnx),
+        )
 
 
 def input_example():
@@ -157,10 +180,12 @@ def input_example():
     return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode("ascii")]})
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(onnx: bool = False) -> list[str]:
     from importlib.metadata import version
 
     pkgs = ["mlflow", "ultralytics", "torch", "torchvision", "pillow", "pandas", "omegaconf", "hydra-core"]
+    if onnx:
+        pkgs += ["onnx", "onnxruntime"]
     return [f"{p}=={version(p)}" for p in pkgs]
 
 
@@ -174,3 +199,9 @@ def model_weights(model_uri: str, dst: Path) -> tuple[Path, dict]:
         raise FileNotFoundError(f"{model_uri}: no .pt weights in the model's artifacts")
     config = Model.load(str(local)).flavors.get("python_function", {}).get("config", {}) or {}
     return weights[0], dict(config)
+
+
+def exported_onnx(weights: Path) -> Path | None:
+    """The ONNX export logged with the version whose weights :func:`model_weights` gave, if any."""
+    onnx = weights.with_suffix(".onnx")
+    return onnx if onnx.is_file() else None

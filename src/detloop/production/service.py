@@ -18,7 +18,7 @@ from detloop.production import predlog
 from detloop.production.batching import Batcher
 from detloop.production.reports import add_report
 from detloop.production.request_checks import CheckedImage, Limits, RequestRefused, parse_report, parse_request
-from detloop.production.swap import ModelWatcher, ServedModel, now_iso
+from detloop.production.swap import ModelWatcher, ServedModel, load_version, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,7 @@ class Service:
             "version": served.version,
             "model_uri": served.uri,
             "loaded_at": served.loaded_at,
+            **served.runtime,
             "started_at": self.started_at,
             "alias_checked_at": state.checked_at,
             "poll_seconds": self.watcher.poll_seconds,
@@ -271,6 +272,12 @@ def refuse_body(service: Service, message: str, endpoint: str) -> Answer:
     )
 
 
+def runtime_overrides(cfg: DictConfig) -> dict:
+    """``serve.runtime`` / ``serve.threads`` when set: they override what each version recorded."""
+    keys = {"runtime": cfg.serve.get("runtime"), "threads": cfg.serve.get("threads")}
+    return {key: value for key, value in keys.items() if value is not None}
+
+
 def build_service(cfg: DictConfig) -> Service:
     """Set up MLflow, load the alias holder, open the prediction log (BadInput when nothing is served)."""
     from detloop.tracking import oversight, runs
@@ -281,6 +288,7 @@ def build_service(cfg: DictConfig) -> Service:
         cfg.mlflow.registered_model,
         alias,
         float(cfg.serve.poll_seconds),
+        loader=lambda name, version: load_version(name, version, runtime_overrides(cfg)),
         oversee=lambda: oversight.watch(cfg, (alias,), seen_by="serve"),
         may_serve=lambda version: oversight.may_serve(cfg, alias, version),
     )

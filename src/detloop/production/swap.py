@@ -28,15 +28,26 @@ class ServedModel:
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
 
+    @property
+    def runtime(self) -> dict:
+        """What runs the version: ``{"runtime": "onnx"|"torch", "providers": [...]}``."""
+        inner = self.model.unwrap_python_model()
+        return {
+            "runtime": getattr(inner, "runtime", "torch"),
+            "providers": list(getattr(inner, "providers", ["torch"])),
+        }
 
-def load_version(name: str, version: str) -> ServedModel:
-    """Load ``models:/name/version`` and warm it up with the model's input example."""
+
+def load_version(name: str, version: str, model_config: dict | None = None) -> ServedModel:
+    """Load ``models:/name/version`` and warm it up with the model's input example.
+
+    ``model_config`` overrides keys of the config recorded in the model (e.g. ``runtime``, ``threads``)."""
     import mlflow.pyfunc
 
     from detloop.model.pyfunc import input_example
 
     started = time.perf_counter()
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}", model_config=model_config or None)
     model.predict(input_example())  # the first prediction pays for lazy set-up; not a user's request
     log.info("loaded %s version %s in %.1f s", name, version, time.perf_counter() - started)
     return ServedModel(name, str(version), model, datetime.now(UTC).isoformat(timespec="seconds"))

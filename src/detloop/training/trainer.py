@@ -61,6 +61,7 @@ def train_and_register(
             trainer.best,
             model_config={**OmegaConf.to_container(group.predict, resolve=True), "imgsz": train_args["imgsz"]},
             registered_model_name=cfg.mlflow.registered_model,
+            onnx=bool(cfg.mlflow.export.onnx),
         )
     return {"version": str(info.registered_model_version), "run_id": run_id, "final": final}
 
