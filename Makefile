@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 OPENCV := opencv-python-headless==4.14.0.94
 PYTEST_ARGS ?=
 
-.PHONY: install chromium demo test test-slow test-team team-deps ui lint clean-build
+.PHONY: install chromium demo test test-slow test-team team-deps ui lint clean-build bench
 
 install: $(STAMP)
 
@@ -73,6 +73,13 @@ ui: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+
+# Re-measure every figure of benchmarks/README.md and print old against new (benchmarks/README.md, "Re-measuring
+# everything"); e.g. BENCH_ARGS="--only mix_scale,serve_load" or BENCH_ARGS=--no-run. Exit 1 on a regression.
+BENCH_ARGS ?=
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 # The local team stack (PostgreSQL, S3 by moto, MLflow server with basic auth; TEAM_ARGS=--slurm adds SLURM):
 # `make team-up`, then `source build/team/env.sh`; `make team-down` stops every process it started.
