@@ -63,6 +63,7 @@ def test_registered_version_is_served_from_its_onnx_export(registry_cfg, tiny_da
     assert len(torch_rows) > 0
     matched, box_gap, conf_gap = _match(torch_rows, onnx_rows)
     assert matched == len(torch_rows) == len(onnx_rows), (len(torch_rows), len(onnx_rows), matched)
+    print(f"onnx vs torch: {matched} boxes, largest box gap {box_gap:.4f} px, confidence gap {conf_gap:.6f}")
     assert box_gap <= BOX_TOLERANCE_PX and conf_gap <= CONF_TOLERANCE, (box_gap, conf_gap)
 
 
