@@ -87,3 +87,22 @@ def test_a_version_without_an_export_is_served_by_pytorch(registry_cfg, tiny_dat
     assert len(model.predict(_frame(2))) > 0
     with pytest.raises(BadInput, match="runtime 'onnx' asked for, but it holds no ONNX export"):
         mlflow.pyfunc.load_model(uri, model_config={"runtime": "onnx"})
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_export_runs_on_onnx_runtimes_cuda_provider(registry_cfg, tiny_data, tmp_path):
+    """With onnxruntime-gpu installed (README), the same version is served on the GPU, same boxes."""
+    import mlflow
+    import torch
+
+    torch.manual_seed(0)
+    weights = detector_weights(tmp_path / "gpu.pt", anchor_classes(tiny_data), hot_class=3)
+    version = register_detector(registry_cfg, weights, imgsz=64, conf=0.5)
+    uri = f"models:/{registry_cfg.mlflow.registered_model}/{version}"
+    on_gpu = mlflow.pyfunc.load_model(uri, model_config={"device": "0"})
+    assert on_gpu.unwrap_python_model().providers[0] == "CUDAExecutionProvider"
+    on_cpu = mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
+    frame = _frame(4)
+    gpu_rows, cpu_rows = on_gpu.predict(frame), on_cpu.predict(frame)
+    matched, box_gap, conf_gap = _match(cpu_rows, gpu_rows)
+    assert matched == len(cpu_rows) == len(gpu_rows) and box_gap <= BOX_TOLERANCE_PX and conf_gap <= CONF_TOLERANCE
