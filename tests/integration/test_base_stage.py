@@ -136,6 +136,13 @@ def test_evaluate_writes_metrics_and_tags_the_version(trained):
     assert tags["eval.anchor_test.map50"] == f"{metrics['map50']:.4f}"
     run = mlflow.get_run(result["run_id"])
     assert "anchor_test/map50" in run.data.metrics
+    # every figure of the evaluate run is on the training run too, at step 0 (one batch)
+    evaluated = mlflow.last_active_run().data.metrics
+    figures = {k: v for k, v in evaluated.items() if k.startswith("anchor_test/")}
+    assert len(figures) > 3
+    assert {k: run.data.metrics[k] for k in figures} == figures
+    history = mlflow.MlflowClient().get_metric_history(result["run_id"], "anchor_test/map50")
+    assert history[-1].step == 0
 
 
 def test_second_base_moves_base_alias_and_leaves_production(trained):
