@@ -62,7 +62,7 @@ def overrides_for(work: Path) -> list[str]:
     ]
 
 
-def register(cfg, work: Path) -> str:
+def register(cfg, work: Path, threads: int | None = None) -> str:
     """An untrained yolov8n with the demo's classes, logged as the detloop pyfunc and given production."""
     import mlflow
     import ultralytics
@@ -83,7 +83,7 @@ def register(cfg, work: Path) -> str:
     with mlflow.start_run(experiment_id=experiment_id, run_name="serve-load"):
         info = log_detector(
             work / "weights.pt",
-            {"conf": 0.25, "iou": 0.7, "imgsz": IMGSZ},
+            {"conf": 0.25, "iou": 0.7, "imgsz": IMGSZ, "threads": threads},
             registered_model_name=cfg.mlflow.registered_model,
         )
     version = str(info.registered_model_version)
@@ -178,6 +178,59 @@ def over_http(url: str, images: list[str], n: int, concurrency: int) -> dict:
     }
 
 
+WRK_SCRIPT = """
+local bodies, n = {}, 0
+function init(args)
+  for _, path in ipairs(args) do
+    local f = assert(io.open(path, "rb")); bodies[#bodies + 1] = f:read("*a"); f:close()
+  end
+end
+function request()
+  n = n + 1
+  return wrk.format("POST", "/invocations", {["Content-Type"] = "application/json"}, bodies[(n % #bodies) + 1])
+end
+function done(summary, latency, requests)
+  io.write(string.format("DETLOOP %d %d %d %.1f %.1f %.1f\\n", summary.requests, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000, summary.duration / 1e6))
+end
+"""
+
+
+def over_wrk(url: str, images: list[str], seconds: int, concurrency: int, work: Path) -> dict | None:
+    """The same one-image requests from ``wrk`` (Debian's HTTP load generator, one thread, ``concurrency``
+    connections): a client that costs the 2 shared cores far less than Python threads. None without wrk."""
+    import subprocess
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    folder = work / "wrk"
+    folder.mkdir(exist_ok=True)
+    (folder / "send.lua").write_text(WRK_SCRIPT)
+    bodies = []
+    for i, im in enumerate(images):
+        bodies.append(folder / f"{i}.json")
+        bodies[-1].write_text(json.dumps({"dataframe_split": {"columns": ["image"], "data": [[im]]}}))
+    before = load_average()
+    cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "60s", "-s", str(folder / "send.lua"), url]
+    done = subprocess.run([*cmd, "--", *map(str, bodies)], capture_output=True, text=True, check=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("DETLOOP "))
+    requests_, status_errors, socket_errors, p50, p95, took = line.split()[1:]
+    return {
+        "client": "wrk 1 thread",
+        "concurrency": concurrency,
+        "requests": int(requests_),
+        "errors": int(status_errors) + int(socket_errors),
+        "seconds": float(took),
+        "requests_per_s": round(int(requests_) / float(took), 1),
+        "p50_ms": float(p50),
+        "p95_ms": float(p95),
+        "load_before": before,
+        "load_after": load_average(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests in the concurrent run")
@@ -190,6 +243,8 @@ def main() -> None:
         help="alternating direct / server sequential runs "
         "(the shared machine's load changes; the medians are reported)",
     )
+    parser.add_argument("--threads", type=int, help="ONNX Runtime CPU threads in the model (default: all)")
+    parser.add_argument("--wrk-seconds", type=int, default=15, help="length of the wrk run (when wrk is installed)")
     parser.add_argument("--workdir", type=Path, help="keep the work folder here (default: a temp folder, removed)")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="detloop-serve-load-"))
@@ -204,7 +259,7 @@ def main() -> None:
             write_demo_data(cfg)
         pages = sorted((work / "data" / "anchor" / "images").rglob("*.jpg"))
         images = [base64.b64encode(p.read_bytes()).decode() for p in pages]
-        version = register(cfg, work)
+        version = register(cfg, work, args.threads)
         result = {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "images": len(images),
@@ -239,6 +294,12 @@ def main() -> None:
             result["direct_batched_rounds"] = batched
             result["server_concurrent"] = over_http(url, images, args.requests, args.concurrency)
             sent |= set(result["server_concurrent"].pop("request_ids"))
+            from detloop.production import predlog
+
+            store = predlog.open_log(cfg)
+            before_wrk = store.count()
+            store.close()
+            result["server_concurrent_wrk"] = over_wrk(url, images, args.wrk_seconds, args.concurrency, work)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -248,6 +309,10 @@ def main() -> None:
         logged = {r["request_id"] for r in store.rows()}
         store.close()
         result["log"] = {"sent": len(sent), "logged": len(logged), "lost": len(sent - logged)}
+        if result["server_concurrent_wrk"]:  # wrk gives no request ids: its answers against the log's new rows
+            answered = result["server_concurrent_wrk"]["requests"]
+            result["log"]["wrk_answered"], result["log"]["wrk_logged"] = answered, len(logged) - before_wrk
+            result["log"]["wrk_lost"] = max(0, answered - (len(logged) - before_wrk))
         median = statistics.median
         result["median"] = {
             "direct_p50_ms": median(r["direct"]["p50_ms"] for r in rounds),
@@ -272,6 +337,10 @@ def main() -> None:
         result["concurrent_share_of_batched_ceiling"] = round(
             result["server_concurrent"]["requests_per_s"] / result["direct_batched"]["images_per_s"], 2
         )
+        if result["server_concurrent_wrk"]:
+            result["concurrent_share_of_batched_ceiling_wrk"] = round(
+                result["server_concurrent_wrk"]["requests_per_s"] / result["direct_batched"]["images_per_s"], 2
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
