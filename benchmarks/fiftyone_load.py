@@ -1,13 +1,17 @@
 """FiftyOne at scale: load N samples with ground truth and predictions, then evaluate_detections.
 
-    .venv/bin/python benchmarks/fiftyone_load.py [--samples 5000] [--objects 5] [--seed 0]
+    .venv/bin/python benchmarks/fiftyone_load.py [--samples 5000] [--objects 5] [--seed 0] [--rounds 3]
 
 Writes N small page-like JPEGs with YOLO labels as an anchor test split in a temporary folder,
 starts a private mongod (FiftyOne's binary) on a free port, and times with detloop's own code:
 
-* ``fo_load.load_set`` (samples with ground truth and image metadata, batched ``add_samples``),
-* storing predictions (jittered ground truth plus false positives, random confidences) with one
-  keyed ``set_values`` (what ``add_predictions`` does after inference),
+* loading with predictions, ``--rounds`` times each way, alternating, on the same images and
+  predictions (jittered ground truth plus false positives, random confidences), each into a new
+  dataset: ``fo_load.load_set`` (samples with ground truth and image metadata) then
+  ``fo_load.store_predictions`` (what ``add_predictions`` does after inference: one keyed
+  ``set_values``), once as stored documents (``fo_load.fast_writes()``, FiftyOne 1.22.0) and once
+  through ``fo.Sample`` / ``fo.Detections`` objects, ``add_samples`` and validated ``set_values``
+  (the way every FiftyOne version is written, and what detloop did before);
 * ``fo_eval.evaluate`` (COCO method, mAP; the tutorial reports ~140 samples/s on its machine)
   and, on the same predictions, the gate's evaluator (``evaluator.coco_map``) for comparison;
 * what ``detloop inspect`` does instead (``fiftyone.inspect.store_conf``): store the boxes at the serving
@@ -20,8 +24,10 @@ Prints a JSON record with the machine's load average and writes it to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +35,7 @@ from pathlib import Path
 
 import fiftyone as fo
 import numpy as np
+import shared
 
 from detloop.core.config import compose
 from detloop.core.env import project_root
@@ -92,9 +99,12 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--objects", type=int, default=5, help="ground-truth objects per image")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3, help="loads with predictions per way, alternating")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     load_before = os.getloadavg()
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
     with tempfile.TemporaryDirectory(prefix="detloop-fo-bench-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
@@ -111,6 +121,7 @@ def main() -> int:
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "cpu_count": os.cpu_count(),
+            "cpu": cpu,
             "fiftyone": fo.__version__,
             "python": sys.version.split()[0],
         }
@@ -120,6 +131,37 @@ def main() -> int:
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     return 0
+
+
+@contextlib.contextmanager
+def writes(fast: bool):
+    """``fo_load`` writing stored documents (``fast``, as it does with FiftyOne 1.22.0) or FiftyOne objects."""
+    chosen = fo_load.fast_writes
+    fo_load.fast_writes = lambda: fast and chosen()
+    try:
+        yield
+    finally:
+        fo_load.fast_writes = chosen
+
+
+def load_with_predictions(cfg, found: list[tuple], fast: bool) -> tuple[object, dict]:
+    """``load_set`` of anchor-test then ``store_predictions`` into a new dataset; the dataset and the times."""
+    with writes(fast):
+        started = time.perf_counter()
+        dataset = fo_load.load_set(cfg, "anchor-test", NAMES)
+        loaded = time.perf_counter()
+        paths = dataset.values("filepath")  # in file-name order, as the generated rows
+        fo_load.store_predictions(
+            dataset, dataset, "predictions_bench", paths, found, [(WIDTH, HEIGHT)] * len(paths), NAMES
+        )
+        stored = time.perf_counter()
+    return dataset, {
+        "load_set_s": round(loaded - started, 2),
+        "store_predictions_s": round(stored - loaded, 2),
+        "total_s": round(stored - started, 2),
+        "samples_per_s": round(len(dataset) / (stored - started), 1),
+        "loadavg": shared.load_average(),
+    }
 
 
 def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generator, args) -> dict:
@@ -132,20 +174,22 @@ def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generat
         ]
     )
     connect(cfg)
-    started = time.perf_counter()
-    dataset = fo_load.load_set(cfg, "anchor-test", NAMES)
-    load_s = time.perf_counter() - started
-    paths = dataset.values("filepath")
     dets = predictions(rows, rng)  # rows are in file-name order, as the dataset's samples
-    started = time.perf_counter()
-    values = {
-        p: fo_load.detections_from_pixels(d.boxes, d.cls, d.conf, (WIDTH, HEIGHT), NAMES)
-        for p, d in zip(paths, dets, strict=True)
-    }
-    convert_s = time.perf_counter() - started
-    started = time.perf_counter()
-    dataset.set_values("predictions_bench", values, key_field="filepath")
-    set_values_s = time.perf_counter() - started
+    found = [(d.boxes, d.cls, d.conf, None) for d in dets]
+    rounds: dict[str, list[dict]] = {"objects": [], "documents": []}
+    dataset = None
+    for index in range(args.rounds):
+        for way, fast in (("objects", False), ("documents", True)):
+            if dataset is not None:
+                dataset.delete()
+            cfg.fiftyone.dataset_prefix = f"bench-{way}-{index}"
+            dataset, times = load_with_predictions(cfg, found, fast)
+            rounds[way].append(times)
+            print(f"round {index + 1} {way}: {times}", file=sys.stderr)
+    paths = dataset.values("filepath")
+    current = rounds["documents" if fo_load.fast_writes() else "objects"]  # the way load.py writes here
+    load_s = statistics.median(r["load_set_s"] for r in current)
+    total_s = statistics.median(r["total_s"] for r in current)
     started = time.perf_counter()
     results = fo_eval.evaluate(dataset, "predictions_bench", cfg)
     evaluate_s = time.perf_counter() - started
@@ -158,11 +202,9 @@ def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generat
     # matched per sample (TP/FP/FN at IoU 0.5, no mAP); mAP is the gate evaluator's on every box (above)
     serving = float(cfg.fiftyone.inspect.store_conf)
     started = time.perf_counter()
-    strong = {}
-    for p, d in zip(paths, dets, strict=True):
-        keep = d.conf >= serving
-        strong[p] = fo_load.detections_from_pixels(d.boxes[keep], d.cls[keep], d.conf[keep], (WIDTH, HEIGHT), NAMES)
-    dataset.set_values("predictions_served", strong, key_field="filepath")
+    fo_load.store_predictions(
+        dataset, dataset, "predictions_served", paths, found, [(WIDTH, HEIGHT)] * len(paths), NAMES, min_conf=serving
+    )
     store_served_s = time.perf_counter() - started
     started = time.perf_counter()
     fo_eval.evaluate(dataset, "predictions_served", cfg, compute_mAP=False, iou=float(cfg.gate.new_samples.iou))
@@ -172,11 +214,22 @@ def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generat
         "samples": n,
         "objects": int(sum(len(r) for r in rows)),
         "predictions": int(sum(len(d.cls) for d in dets)),
+        "fast_writes": fo_load.fast_writes(),
         "load_set_s": round(load_s, 2),
         "load_samples_per_s": round(n / load_s, 1),
-        "convert_predictions_s": round(convert_s, 2),
-        "set_values_predictions_s": round(set_values_s, 2),
-        "load_with_predictions_s": round(load_s + convert_s + set_values_s, 2),
+        "store_predictions_s": round(statistics.median(r["store_predictions_s"] for r in current), 2),
+        "load_with_predictions_s": round(total_s, 2),
+        "load_with_predictions_samples_per_s": round(n / total_s, 1),
+        "load_with_predictions": {
+            way: {
+                "rounds": times,
+                "median_s": round(statistics.median(r["total_s"] for r in times), 2),
+                "median_samples_per_s": round(n / statistics.median(r["total_s"] for r in times), 1),
+                "median_load_set_s": round(statistics.median(r["load_set_s"] for r in times), 2),
+                "median_store_predictions_s": round(statistics.median(r["store_predictions_s"] for r in times), 2),
+            }
+            for way, times in rounds.items()
+        },
         "evaluate_detections_s": round(evaluate_s, 2),
         "evaluate_samples_per_s": round(n / evaluate_s, 1),
         "fiftyone_map50": round(figures["map50"], 6),
@@ -185,7 +238,7 @@ def measure(root: Path, uri: str, rows: list[np.ndarray], rng: np.random.Generat
         "gate_map50_95": round(gate["map50_95"], 6),
         "gate_coco_map_s": round(gate_s, 3),
         "served_conf": serving,
-        "served_predictions": int(sum(len(v.detections) for v in strong.values())),
+        "served_predictions": dataset.count("predictions_served.detections"),
         "store_served_predictions_s": round(store_served_s, 2),
         "match_served_s": round(match_served_s, 2),
         "match_served_samples_per_s": round(n / match_served_s, 1),

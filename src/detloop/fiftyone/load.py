@@ -7,12 +7,16 @@ each sample with its ``ground_truth`` (YOLO labels; for the inbox the reporter's
 FiftyOne ``Detections`` with normalized top-left boxes and the model's class names; instance
 segmentation models add a mask per detection, cropped to its box (FiftyOne's convention).
 
-Writes are batched: new samples with ``add_samples`` and predictions with one ``set_values`` per
-field (keyed by file path), never a ``sample.save()`` per sample. Re-loading a set adds the new
-samples and drops those that left it (e.g. reviewed inbox reports); labels already in the dataset,
-such as a reviewer's edits, are kept. The pure converters here need neither FiftyOne's database
-nor MLflow; FiftyOne is imported by the functions that use it (call :func:`detloop.fiftyone.db.connect`
-first, so that they use the project's database).
+Writes are batched: new samples with one insert per batch and predictions with one ``set_values``
+per field (keyed by file path), never a ``sample.save()`` per sample. With FiftyOne
+:data:`FAST_WRITES_VERSION` (:func:`fast_writes`), samples and labels are written as the documents
+FiftyOne stores for them, built as plain dicts (:func:`detections_doc`), instead of one ``fo.Detection``
+object per box and ``add_samples``; with any other version through ``fo.Sample`` / ``fo.Detections``
+objects. Both store the same documents. Re-loading a set adds the new samples and drops those that left
+it (e.g. reviewed inbox reports); labels already in the dataset, such as a reviewer's edits, are kept.
+The pure converters here need neither FiftyOne's database nor MLflow; FiftyOne is imported by the
+functions that use it (call :func:`detloop.fiftyone.db.connect` first, so that they use the project's
+database).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ ANCHOR_SETS = ("anchor-train", "anchor-val", "anchor-test")
 SETS = (*ANCHOR_SETS, "pool", "inbox")
 GT_FIELD = "ground_truth"
 REPORTED_FIELD = "reported_labels"
+FAST_WRITES_VERSION = "1.22.0"  # the FiftyOne release whose stored documents the fast writes reproduce
 
 
 @dataclass(frozen=True)
@@ -117,17 +122,8 @@ def detections_from_pixels(
     ``size`` (width, height); ``masks`` (optional) are full-image masks, cropped to each box."""
     import fiftyone as fo
 
-    width, height = size
     boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    rel = np.stack(
-        [
-            boxes[:, 0] / width,
-            boxes[:, 1] / height,
-            (boxes[:, 2] - boxes[:, 0]) / width,
-            (boxes[:, 3] - boxes[:, 1]) / height,
-        ],
-        axis=1,
-    )
+    rel = pixel_boxes_to_relative(boxes, size)
     labels = class_names(cls, names)
     out = []
     for i, (label, box, score) in enumerate(zip(labels, rel, np.asarray(conf).reshape(-1), strict=True)):
@@ -136,6 +132,86 @@ def detections_from_pixels(
             det.mask = crop_mask(masks[i], boxes[i])
         out.append(det)
     return fo.Detections(detections=out)
+
+
+# --------------------------------------------------------------------------- stored documents
+
+
+def fast_writes() -> bool:
+    """Whether samples and labels are written as FiftyOne's stored documents (plain dicts) rather than
+    through ``fo.Sample`` / ``fo.Detection`` objects: only with FiftyOne :data:`FAST_WRITES_VERSION`,
+    whose document layout :func:`detections_doc` and :func:`_sample_doc` reproduce and whose private
+    parts they use (``Dataset._sample_collection``, ``fiftyone.core.odm.sample._generate_rand``)."""
+    import fiftyone as fo
+
+    if fo.__version__ != FAST_WRITES_VERSION:
+        return False
+    from fiftyone.core.odm import sample as odm_sample
+
+    return callable(getattr(odm_sample, "_generate_rand", None)) and hasattr(fo.Dataset, "_sample_collection")
+
+
+def pixel_boxes_to_relative(boxes_xyxy: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pixel ``x0 y0 x1 y1`` on an image of ``size`` (width, height) -> normalized top-left ``x y w h``."""
+    width, height = size
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    return np.stack(
+        [
+            boxes[:, 0] / width,
+            boxes[:, 1] / height,
+            (boxes[:, 2] - boxes[:, 0]) / width,
+            (boxes[:, 3] - boxes[:, 1]) / height,
+        ],
+        axis=1,
+    )
+
+
+def detections_doc(labels: Sequence[str], boxes: np.ndarray, confidences: np.ndarray | None = None) -> dict:
+    """The document FiftyOne stores for ``fo.Detections`` of ``fo.Detection(label, bounding_box[,
+    confidence])`` (``Detections.to_dict()``: same keys, order and types, a new id per detection).
+
+    ``boxes`` are normalized top-left ``x y w h``. Only for FiftyOne :data:`FAST_WRITES_VERSION`.
+    """
+    from bson import ObjectId
+
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist()
+    if len(labels) != len(boxes):
+        raise ValueError(f"{len(labels)} labels for {len(boxes)} boxes")
+    if confidences is None:
+        dets = [
+            {"_id": ObjectId(), "_cls": "Detection", "attributes": {}, "tags": [], "label": label, "bounding_box": box}
+            for label, box in zip(labels, boxes, strict=True)
+        ]
+    else:
+        scores = np.asarray(confidences, dtype=np.float64).reshape(-1).tolist()
+        if len(scores) != len(boxes):
+            raise ValueError(f"{len(scores)} confidences for {len(boxes)} boxes")
+        dets = [
+            {
+                "_id": ObjectId(),
+                "_cls": "Detection",
+                "attributes": {},
+                "tags": [],
+                "label": label,
+                "bounding_box": box,
+                "confidence": score,
+            }
+            for label, box, score in zip(labels, boxes, scores, strict=True)
+        ]
+    return {"_cls": "Detections", "detections": dets}
+
+
+def _copy_doc(doc: dict) -> dict:
+    """A copy of a :func:`detections_doc` with new detection ids (what ``Detections.copy()`` stores)."""
+    from bson import ObjectId
+
+    return {
+        "_cls": doc["_cls"],
+        "detections": [
+            {**d, "_id": ObjectId(), "attributes": {}, "tags": [], "bounding_box": list(d["bounding_box"])}
+            for d in doc["detections"]
+        ],
+    }
 
 
 # --------------------------------------------------------------------------- the sets
@@ -190,8 +266,6 @@ def load_set(cfg: DictConfig, set_name: str, names: dict[int, str]):
     """
     import fiftyone as fo
 
-    from detloop.evaluation.evaluator import image_size
-
     name = dataset_name(cfg, set_name)
     dataset = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
     dataset.info.update({"detloop_set": set_name, "classes": [names[k] for k in sorted(names)]})
@@ -205,17 +279,139 @@ def load_set(cfg: DictConfig, set_name: str, names: dict[int, str]):
         dataset.delete_samples(gone)
         log.info("%s: %d sample(s) no longer in the set removed", name, len(gone))
     new = [s for s in wanted if str(s.filepath.absolute()) not in have]
-    batch = int(cfg.fiftyone.batch_size)
-    for start in range(0, len(new), batch):
-        dataset.add_samples(
-            [_sample(fo, s, set_name, names, image_size) for s in new[start : start + batch]], progress=False
-        )
+    if new:
+        _add_new(fo, dataset, new, set_name, names, int(cfg.fiftyone.batch_size))
     log.info("%s: %d samples (%d new)", name, len(dataset), len(new))
     return dataset
 
 
-def _sample(fo, item: SetSample, set_name: str, names: dict[int, str], image_size):
-    width, height = image_size(item.filepath)
+def _add_new(fo, dataset, new: list[SetSample], set_name: str, names: dict[int, str], batch: int) -> None:
+    """Add the samples of ``new`` (in order) with their labels and image sizes, ``batch`` per write.
+
+    With :func:`fast_writes`, the samples up to the last one that brings a field the dataset does not
+    declare yet go through ``add_samples`` (so FiftyOne declares every field itself, in its own order,
+    and checks the media), the rest are inserted as the documents ``add_samples`` would store, once
+    their values fit the declared fields; otherwise every sample goes through ``add_samples``.
+    """
+    from detloop.evaluation.evaluator import image_size
+
+    sizes = [image_size(s.filepath) for s in new]
+    head = len(new)
+    if fast_writes():
+        known = set(dataset.get_field_schema(include_private=True))
+        head = 1
+        for i, item in enumerate(new):
+            fields = set(_field_values(item, set_name))
+            if fields - known:
+                head, known = i + 1, known | fields
+    for start in range(0, head, batch):
+        stop = min(start + batch, head)
+        dataset.add_samples(
+            [_sample(fo, s, set_name, names, size) for s, size in zip(new[start:stop], sizes[start:stop], strict=True)],
+            progress=False,
+        )
+    if head == len(new):
+        return
+    rest, rest_sizes = new[head:], sizes[head:]
+    misfit = _misfit(fo, dataset, rest, set_name)
+    if misfit:
+        log.debug("%s: %s; adding through add_samples", dataset.name, misfit)
+        for start in range(0, len(rest), batch):
+            chunk = zip(rest[start : start + batch], rest_sizes[start : start + batch], strict=True)
+            dataset.add_samples([_sample(fo, s, set_name, names, size) for s, size in chunk], progress=False)
+        return
+    _insert_samples(dataset, rest, rest_sizes, set_name, names, batch)
+
+
+def _field_values(item: SetSample, set_name: str) -> dict:
+    """The fields ``add_samples`` stores for a sample (its non-None ones), labels as ``True``."""
+    out = {"filepath": True, "tags": True, "metadata": True, "detloop_id": item.sample_id}
+    out.update({k: v for k, v in item.fields.items() if v is not None})
+    if set_name == "inbox":
+        if item.labels is not None and item.labels.is_file():
+            out[REPORTED_FIELD] = out[GT_FIELD] = True
+    else:
+        out[GT_FIELD] = True
+    return out
+
+
+def _misfit(fo, dataset, items: list[SetSample], set_name: str) -> str | None:
+    """Why the documents of ``items`` cannot be inserted as they are (a value of a type other than its
+    field's, a field not declared, not an image dataset), or None when they can."""
+    if dataset.media_type != "image":
+        return f"media type {dataset.media_type!r}"
+    schema = dataset.get_field_schema(include_private=True)
+    for label_field in (GT_FIELD, REPORTED_FIELD):
+        field = schema.get(label_field)
+        if field is not None and not (
+            isinstance(field, fo.EmbeddedDocumentField) and field.document_type is fo.Detections
+        ):
+            return f"{label_field} is a {type(field).__name__}, not Detections"
+    kinds = {bool: fo.BooleanField, int: fo.IntField, float: fo.FloatField, str: fo.StringField}
+    for item in items:
+        for key, value in _field_values(item, set_name).items():
+            if value is True and key in ("filepath", "tags", "metadata", GT_FIELD, REPORTED_FIELD):
+                if key not in schema:
+                    return f"field {key} not declared"
+                continue
+            kind = kinds.get(type(value))
+            if kind is None or type(schema.get(key)) is not kind:
+                return f"{key}={value!r} does not fit {type(schema.get(key)).__name__}"
+    return None
+
+
+def _insert_samples(
+    dataset, items: list[SetSample], sizes: list[tuple[int, int]], set_name: str, names: dict[int, str], batch: int
+) -> None:
+    """Insert the documents of ``items`` into the dataset's sample collection, ``batch`` per ``insert_many``."""
+    from datetime import UTC, datetime
+
+    from fiftyone.core.odm.sample import _generate_rand
+    from pymongo.errors import BulkWriteError
+
+    collection = dataset._sample_collection
+    dataset_id = dataset._doc.id
+    for start in range(0, len(items), batch):
+        now = datetime.now(UTC).replace(tzinfo=None)  # FiftyOne stores naive UTC times
+        docs = [
+            _sample_doc(item, size, set_name, names, dataset_id, now, _generate_rand())
+            for item, size in zip(items[start : start + batch], sizes[start : start + batch], strict=True)
+        ]
+        try:
+            collection.insert_many(docs)
+        except BulkWriteError as err:  # as add_samples reports it
+            raise ValueError(err.details["writeErrors"][0]["errmsg"]) from err
+
+
+def _sample_doc(item: SetSample, size: tuple[int, int], set_name: str, names: dict[int, str], dataset_id, now, rand):
+    """The document ``add_samples`` stores for :func:`_sample` of ``item`` (same keys, order and values)."""
+    width, height = size
+    doc = {
+        "filepath": str(item.filepath.absolute()),
+        "tags": [t for t in item.tags if t],
+        "metadata": {"_cls": "ImageMetadata", "width": width, "height": height},
+        "created_at": now,
+        "last_modified_at": now,
+        "_media_type": "image",
+        "_rand": rand,
+        "_dataset_id": dataset_id,
+        "detloop_id": item.sample_id,
+    }
+    doc.update({k: v for k, v in item.fields.items() if v is not None})
+    if set_name == "inbox" and not (item.labels is not None and item.labels.is_file()):
+        return doc
+    rows = read_yolo_labels(item.labels)
+    labels = detections_doc(class_names(rows[:, 0].astype(np.int64), names), yolo_to_boxes(rows[:, 1:5]))
+    if set_name == "inbox":
+        doc[REPORTED_FIELD] = labels
+        doc[GT_FIELD] = _copy_doc(labels)
+    else:
+        doc[GT_FIELD] = labels
+    return doc
+
+
+def _sample(fo, item: SetSample, set_name: str, names: dict[int, str], size: tuple[int, int]):
+    width, height = size
     labels = detections_from_yolo(read_yolo_labels(item.labels), names)
     sample = fo.Sample(
         filepath=str(item.filepath.absolute()),
@@ -332,20 +528,66 @@ def add_predictions(
     )
     if keep is not None:
         keep.update(paths=list(paths), names=facts["names"], detections=[(b, c, s) for b, c, s, _ in found])
-    values = {}
-    for path, (b, c, s, masks), size in zip(paths, found, sizes, strict=True):
-        if min_conf is not None:
-            strong = np.flatnonzero(np.asarray(s) >= float(min_conf))
-            b, c, s = np.asarray(b)[strong], np.asarray(c)[strong], np.asarray(s)[strong]
-            masks = [masks[i] for i in strong] if masks is not None else None
-        values[path] = detections_from_pixels(b, c, s, size, facts["names"], masks)
-    samples.set_values(field, values, key_field="filepath")
+    store_predictions(dataset, samples, field, paths, found, list(sizes), facts["names"], min_conf=min_conf)
     info = {k: str(v) for k, v in model.items() if v is not None}
     info["stored_conf"] = str(min_conf if min_conf is not None else cfg.fiftyone.predict.conf)
     dataset.info.setdefault("models", {})[field] = info
     dataset.save()
     log.info("%s: %s on %d samples (%s, imgsz %d)", dataset.name, field, len(paths), facts["task"], imgsz)
     return field
+
+
+def store_predictions(
+    dataset,
+    samples,
+    field: str,
+    paths: Sequence[str],
+    found: Sequence[tuple],
+    sizes: Sequence[tuple[int, int]],
+    names: dict[int, str],
+    *,
+    min_conf: float | None = None,
+) -> None:
+    """Store a prediction pass in ``field`` of ``samples`` (``dataset`` or a view of it) as ``fo.Detections``
+    with one ``set_values`` keyed by file path.
+
+    ``found`` holds per path ``(boxes_xyxy, cls, conf, masks or None)`` in pixels of an image of ``sizes``
+    (width, height); ``min_conf``: only detections at or above it are stored. With :func:`fast_writes`
+    and no masks, each sample's value is its :func:`detections_doc` (what ``fo.Detections`` stores),
+    written unvalidated into the ``Detections`` field (a new field is declared by FiftyOne from the
+    first sample's ``fo.Detections``); otherwise every value is a validated ``fo.Detections``.
+    """
+    import fiftyone as fo
+
+    if not (len(paths) == len(found) == len(sizes)):
+        raise ValueError(f"{len(paths)} paths, {len(found)} predictions and {len(sizes)} sizes")
+    declared = dataset.get_field(field)
+    fast = (
+        fast_writes()
+        and all(masks is None for *_, masks in found)
+        and (
+            declared is None
+            or (isinstance(declared, fo.EmbeddedDocumentField) and declared.document_type is fo.Detections)
+        )
+    )
+    values = {}
+    for path, (b, c, s, masks), size in zip(paths, found, sizes, strict=True):
+        if min_conf is not None:
+            strong = np.flatnonzero(np.asarray(s) >= float(min_conf))
+            b, c, s = np.asarray(b)[strong], np.asarray(c)[strong], np.asarray(s)[strong]
+            masks = [masks[i] for i in strong] if masks is not None else None
+        if fast and (declared is not None or values):
+            values[path] = detections_doc(class_names(c, names), pixel_boxes_to_relative(b, size), s)
+        else:
+            values[path] = detections_from_pixels(b, c, s, size, names, masks)
+    if not fast or not values:
+        samples.set_values(field, values, key_field="filepath")
+        return
+    if declared is None:  # FiftyOne declares the new field from a Detections object, as set_values would
+        first = next(iter(values))
+        samples.set_values(field, {first: values.pop(first)}, key_field="filepath")
+    if values:
+        samples.set_values(field, values, key_field="filepath", validate=False)
 
 
 def fill_review_labels(cfg: DictConfig, dataset, pred_field: str) -> int:
