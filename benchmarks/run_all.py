@@ -341,20 +341,25 @@ def parse_rates(stdout: str) -> dict:
 class Benchmark:
     """One benchmark run. ``args`` and ``produced`` may name ``{results}``, ``{project}``, ``{workdir}``
     (a temporary folder, removed after the run) and ``{root}``; ``produced`` is where the script writes
-    its report, copied to ``<results>/<name>.json``. ``in_project``: run in the project (``--project``)."""
+    its report, copied to ``<results>/<name>.json`` (default: the value of its ``--out`` / ``--output``
+    argument, else ``build/benchmarks/<name>.json``). ``in_project``: run in the project (``--project``)."""
 
     name: str
     script: str
     duration: str
     needs: str
     args: tuple[str, ...] = ()
-    produced: str = "{root}/build/benchmarks/{name}.json"
+    produced: str | None = None
     in_project: bool = False
     check: Callable[[Context], str | None] | None = None
     parse: Callable[[str], dict] | None = None
     uses_workdir: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
+        if self.produced is None:
+            flags = [i for i, a in enumerate(self.args[:-1]) if a in ("--out", "--output")]
+            written = self.args[flags[0] + 1] if flags else "{root}/build/benchmarks/{name}.json"
+            object.__setattr__(self, "produced", written)
         object.__setattr__(self, "uses_workdir", any("{workdir}" in a for a in (*self.args, self.produced)))
 
     def why_not(self, ctx: Context) -> str | None:
@@ -368,7 +373,6 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "7-9 min",
         "a project with the environment installed and an empty MLflow store: runs `make demo`'s steps there",
         ("--out", "{results}/demo_run.json"),
-        produced="{results}/demo_run.json",
         in_project=True,
         check=_empty_store,
     ),
@@ -398,7 +402,6 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "3-5 min",
         "a project where `make demo` has run (the base weights and the anchor-test pages)",
         ("--skip-fiftyone", "--out", "{results}/gate_metrics.json"),
-        produced="{results}/gate_metrics.json",
         in_project=True,
         check=_base_weights,
     ),
@@ -408,7 +411,6 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "5-8 min",
         "a project where `make demo` has run; FiftyOne",
         ("--images", "500", "--skip-inference", "--out", "{results}/gate_metrics_fiftyone.json"),
-        produced="{results}/gate_metrics_fiftyone.json",
         in_project=True,
         check=_all(_module("fiftyone"), _base_weights),
     ),
@@ -418,7 +420,6 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "2-3 min",
         "--project: a scratch clone where `make demo` has run",
         ("--project", "{project}", "--out", "{results}/loop_overhead.json"),
-        produced="{results}/loop_overhead.json",
         check=_scratch_project,
     ),
     Benchmark(
@@ -435,7 +436,6 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "about 21 min",
         "nothing (trains the base and 7 fine-tunes in a temporary folder)",
         ("--workdir", "{workdir}", "--output", "{results}/forgetting.json"),
-        produced="{results}/forgetting.json",
     ),
     Benchmark(
         "demo_search",
@@ -443,7 +443,6 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "13-15 min",
         "git (clones this checkout's HEAD and runs `dvc repro` on the strong-shift data)",
         ("--workdir", "{workdir}", "--check", "--output", "{results}/demo_search.json"),
-        produced="{results}/demo_search.json",
         check=_git_checkout,
     ),
     Benchmark(
@@ -452,7 +451,6 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "3-5 min",
         "nothing (trains a 5-epoch base in a temporary folder)",
         ("--inbox", "1000", "--epochs", "5", "--imgsz", "160", "320", "--output", "{results}/review_queue.json"),
-        produced="{results}/review_queue.json",
     ),
     Benchmark(
         "mix_scale",

@@ -182,8 +182,8 @@ def figures(gates: dict, cand: dict, ref: dict) -> dict[str, float]:
     if "ab" in gates:
         out["gate.ab.worst_drop"] = gates["ab"]["worst_drop"]
     served = gates.get("served", {})
-    out.update({f"gate.served.{k}": served[k] for k in ("served_map50", "served_detection_rate") if k in served})
-    out.update({f"gate.served.{k}": served[k] for k in ("map50_gap", "detection_rate_gap") if k in served})
+    kept = ("served_map50", "served_detection_rate", "map50_gap", "detection_rate_gap")
+    out.update({f"gate.served.{k}": served[k] for k in kept if k in served})
     return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
 
 

@@ -177,27 +177,16 @@ def detections_doc(labels: Sequence[str], boxes: np.ndarray, confidences: np.nda
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist()
     if len(labels) != len(boxes):
         raise ValueError(f"{len(labels)} labels for {len(boxes)} boxes")
-    if confidences is None:
-        dets = [
-            {"_id": ObjectId(), "_cls": "Detection", "attributes": {}, "tags": [], "label": label, "bounding_box": box}
-            for label, box in zip(labels, boxes, strict=True)
-        ]
-    else:
+    dets = [
+        {"_id": ObjectId(), "_cls": "Detection", "attributes": {}, "tags": [], "label": label, "bounding_box": box}
+        for label, box in zip(labels, boxes, strict=True)
+    ]
+    if confidences is not None:  # the last key, as Detection(..., confidence=...) stores it
         scores = np.asarray(confidences, dtype=np.float64).reshape(-1).tolist()
         if len(scores) != len(boxes):
             raise ValueError(f"{len(scores)} confidences for {len(boxes)} boxes")
-        dets = [
-            {
-                "_id": ObjectId(),
-                "_cls": "Detection",
-                "attributes": {},
-                "tags": [],
-                "label": label,
-                "bounding_box": box,
-                "confidence": score,
-            }
-            for label, box, score in zip(labels, boxes, scores, strict=True)
-        ]
+        for det, score in zip(dets, scores, strict=True):
+            det["confidence"] = score
     return {"_cls": "Detections", "detections": dets}
 
 

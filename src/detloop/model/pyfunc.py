@@ -95,7 +95,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         self.model = runtime.load_detector(
             weights, imgsz=self.imgsz, device=self.device, threads=int(threads) if threads else None
         )
-        self.providers = runtime.providers(self.model) if self.runtime == "onnx" else ["torch"]
+        self.providers = runtime.providers(self.model)
         self.names = {int(k): v for k, v in self.model.names.items()}
         log.info("detector loaded on %s (%s)", self.runtime, ", ".join(self.providers))
 

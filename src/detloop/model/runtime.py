@@ -98,11 +98,16 @@ def load_detector(weights: str | Path, *, imgsz: int, device: str | None = None,
     from PIL import Image
 
     model.predict(Image.new("RGB", (imgsz, imgsz)), imgsz=imgsz, device=device, verbose=False)
-    backend = getattr(getattr(model.predictor, "model", None), "backend", None)
-    session = getattr(backend, "session", None)
-    if session is not None and session.get_providers() == ["CPUExecutionProvider"]:
+    backend = _onnx_backend(model)
+    if backend is not None and backend.session.get_providers() == ["CPUExecutionProvider"]:
         backend.session = cpu_session(weights, threads)
     return model
+
+
+def _onnx_backend(model):
+    """Ultralytics' ONNX Runtime backend of a model that has predicted (None for PyTorch, or before)."""
+    backend = getattr(getattr(model.predictor, "model", None), "backend", None) if model.predictor else None
+    return backend if getattr(backend, "session", None) is not None else None
 
 
 def cpu_session(onnx_file: Path, threads: int | None):
@@ -118,6 +123,5 @@ def cpu_session(onnx_file: Path, threads: int | None):
 
 def providers(model) -> list[str]:
     """The execution providers of a model loaded by :func:`load_detector` (``["torch"]`` for PyTorch)."""
-    backend = getattr(getattr(model.predictor, "model", None), "backend", None) if model.predictor else None
-    session = getattr(backend, "session", None)
-    return list(session.get_providers()) if session is not None else ["torch"]
+    backend = _onnx_backend(model)
+    return list(backend.session.get_providers()) if backend is not None else ["torch"]
