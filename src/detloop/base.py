@@ -1,6 +1,8 @@
 """Stage ``base``: train the base detector on the anchor dataset and register it.
 
-``python -m detloop.base [key=value ...]`` (``-m`` for sweeps); ``dvc repro base`` runs it.
+``python -m detloop.base [key=value ...]`` (``-m`` for sweeps); ``dvc repro base`` runs it. Once the version
+is registered, its pass on the anchor split ``evaluate`` measures is made here, where torch and Ultralytics
+are already loaded, and kept for ``evaluate`` and the gate (:func:`detloop.evaluation.measure.predict_split`).
 """
 
 from __future__ import annotations

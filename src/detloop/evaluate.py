@@ -5,6 +5,10 @@ so the base's anchor-test mAP50 here is the figure its gate reports. Writes mAP5
 detection rate at the serving confidence and per-class AP as DVC metrics
 (``build/evaluate/metrics.json``) and logs them to MLflow: an ``evaluate`` run of its own, the
 model's training run (so the compare view shows them next to training curves) and version tags.
+
+The prediction pass is the one the base stage made right after registering the version (kept in
+``build/cache/predictions`` for the same weights, images and settings), so on a ``dvc repro`` this stage
+loads neither torch nor Ultralytics; without that pass (cache off or emptied) it predicts itself.
 """
 
 from __future__ import annotations

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+from tests.conftest import tiny_overrides
 
 from detloop.base import run as run_base
 from detloop.core.config import compose
 from detloop.core.errors import BadInput, TrackingUnavailable
 from detloop.evaluate import run as run_evaluate
+from detloop.evaluation.measure import evaluate_model
 from detloop.tracking import registry
 
 pytestmark = pytest.mark.integration
@@ -21,8 +26,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_data):
     """Given a tiny anchor, when the base stage runs once in a fresh store."""
-    from tests.conftest import tiny_overrides
-
     base = tmp_path_factory.mktemp("base-stage")
     overrides = tiny_overrides(base)
     overrides[1] = f"paths.data={tiny_data}"
@@ -143,6 +146,36 @@ def test_evaluate_writes_metrics_and_tags_the_version(trained):
     assert {k: run.data.metrics[k] for k in figures} == figures
     history = mlflow.MlflowClient().get_metric_history(result["run_id"], "anchor_test/map50")
     assert history[-1].step == 0
+
+
+EVALUATE_AS_DVC_RUNS_IT = """
+import atexit, runpy, sys
+atexit.register(lambda: print("loaded:", ",".join(m for m in ("torch", "ultralytics") if m in sys.modules)))
+sys.argv = ["detloop.evaluate", *sys.argv[1:]]
+runpy.run_module("detloop.evaluate", run_name="__main__")
+"""
+
+
+def test_evaluate_reuses_the_base_stages_pass_without_loading_torch(trained, tmp_path):
+    """The base stage keeps the new version's anchor-test pass; `evaluate`, as its own process, measures
+    from it (no torch, no Ultralytics) and gets exactly the figures of a pass made from scratch."""
+    cfg, result, base, _ = trained
+    overrides = [*tiny_overrides(base)[:1], f"paths.data={cfg.paths.data}", *tiny_overrides(base)[2:]]
+    entries = sorted((base / "build" / "cache" / "predictions").glob("*.npz"))
+    assert entries, "the base stage kept no prediction pass"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    done = subprocess.run(
+        [sys.executable, "-c", EVALUATE_AS_DVC_RUNS_IT, *overrides], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "loaded:", done.stdout[-500:]
+    written = json.loads((base / "build" / "evaluate" / "metrics.json").read_text())
+    fresh = evaluate_model(compose([*overrides, "evaluate.cache.keep=0"]), result["model_uri"])
+    assert {k: written[k] for k in fresh} == fresh
+    run = mlflow.search_runs(
+        experiment_names=[cfg.mlflow.experiment], filter_string="tags.stage = 'evaluate'", output_format="list"
+    )[0]
+    assert run.data.tags["device"] == "cpu" and run.data.tags["device.cpu"]  # recorded without torch
 
 
 def test_second_base_moves_base_alias_and_leaves_production(trained):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import mlflow
 import pytest
 import torch
 
+from detloop.evaluation.predictions import device_key
 from detloop.model.yolo import device_info, merge_ranks, trained_on, training_device_info
 from detloop.tracking.runs import EpochLogger, is_main_rank, training_rank
 
@@ -119,3 +123,21 @@ def test_after_early_stopping_the_next_call_is_the_final_validation(store):
     assert [m.step for m in client.get_metric_history(run_id, "train/box_loss")] == [1, 2]
     assert client.get_run(run_id).data.metrics["final/metrics/mAP50B"] == 0.5
     assert [m.value for m in client.get_metric_history(run_id, "metrics/mAP50B")] == [0.25, 0.25]
+
+
+@cpu_only
+def test_a_process_without_torch_records_the_same_cpu_facts_without_loading_it():
+    """A stage that runs no model (evaluate from a kept pass, gate bookkeeping, promote) does not pay
+    torch's import to name the device: same tags as with torch, except torch's thread count."""
+    code = (
+        "import json, sys\n"
+        "from detloop.evaluation.predictions import device_key\n"
+        "from detloop.model.yolo import device_info\n"
+        "print(json.dumps({'info': device_info(), 'key': device_key(None), 'torch': 'torch' in sys.modules}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["torch"] is False
+    with_torch = device_info()
+    assert found["info"] == {k: v for k, v in with_torch.items() if k != "device.threads"}
+    assert found["key"] == device_key(None)

@@ -9,8 +9,11 @@ in :mod:`detloop.model.yolo`, where it is imported.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 TELEMETRY_OFF = {
@@ -92,3 +95,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def package_version(name: str) -> str:
+    """An installed distribution's version (``''`` when it is not installed), without importing it."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return ""
+
+
+def gpu_possible() -> bool:
+    """Whether torch could find a GPU here, told without importing torch (about a second per process).
+
+    A CUDA build of torch sees a GPU only through the NVIDIA driver's library, so where ``libcuda``
+    (``nvcuda`` on Windows) cannot be loaded there is none; a ROCm build, or a process that already
+    imported torch, asks torch itself (True here means: ask torch).
+    """
+    if "torch" in sys.modules or "rocm" in package_version("torch"):
+        return True
+    if sys.platform == "darwin":
+        return False
+    try:
+        ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return False
+    return True

@@ -7,6 +7,7 @@ anchor-test mAP50 wherever it is shown: the registry table, ``dvc metrics show``
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from detloop.core.stage import stage_dir
 from detloop.data.datasets import anchor_images, anchor_names
 from detloop.evaluation import evaluator, predictions
 from detloop.model.pyfunc import model_weights
+
+log = logging.getLogger(__name__)
 
 
 def predict(cfg: DictConfig, weights: Path, imgsz: int, images: list[Path], *, hit: dict | None = None) -> list:
@@ -91,6 +94,21 @@ def score(cfg: DictConfig, gts: list, dets: list, names: dict[int, str]) -> dict
         },
         "timings": {"metrics_s": found["timings"]["metrics_s"]},
     }
+
+
+def predict_split(cfg: DictConfig, weights: Path, imgsz: int, split: str | None = None) -> bool:
+    """Make (and keep) ``weights``' pass on an anchor split (``evaluate.split`` by default) for a later
+    :func:`evaluate_model` of the same weights; False when the prediction cache is off or the split is empty.
+    """
+    if predictions.cache_settings(cfg)[0] is None:
+        return False
+    images = anchor_images(resolve_path(cfg, "anchor"), split or str(cfg.evaluate.split))
+    if not images:
+        return False
+    started, hit = time.perf_counter(), {}
+    predict(cfg, Path(weights), imgsz, images, hit=hit)
+    log.info("anchor %s pass kept for evaluate: %.2f s", split or cfg.evaluate.split, time.perf_counter() - started)
+    return True
 
 
 def evaluate_model(cfg: DictConfig, model_uri: str, split: str | None = None) -> dict:

@@ -17,12 +17,12 @@ import logging
 import os
 import tempfile
 import zipfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
 from detloop.core.config import resolve_path
+from detloop.core.env import gpu_possible, package_version
 from detloop.data.manifest import sha256_file
 from detloop.evaluation import evaluator
 from detloop.evaluation.evaluator import Detections
@@ -32,15 +32,10 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the stored layout changes
 
 
-def _package(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return ""
-
-
 def device_key(device: str | int | None) -> str:
     """What decides the numbers besides weights and images: the device (GPU name) and the CPU count."""
+    if str(device) == "cpu" or (device in (None, "") and not gpu_possible()):
+        return f"cpu|cpus={os.cpu_count()}"
     import torch
 
     if device in (None, "") and torch.cuda.is_available():
@@ -61,8 +56,8 @@ def cache_key(weights: str | Path, images: list[Path], settings: dict) -> str:
         "images": [[str(Path(p).absolute()), sha256_file(p)] for p in images],
         "settings": {k: settings[k] for k in sorted(settings) if k != "device"},
         "device": device_key(settings.get("device")),
-        "ultralytics": _package("ultralytics"),
-        "torch": _package("torch"),
+        "ultralytics": package_version("ultralytics"),
+        "torch": package_version("torch"),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import detloop  # noqa: F401  (sets YOLO_CONFIG_DIR and telemetry variables before Ultralytics loads)
+from detloop.core.env import gpu_possible, package_version
 from detloop.core.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,16 @@ def device_info(device: str | None = None) -> dict[str, str]:
     CPU model, cores and torch threads; on the CPU also ``device.amp=false`` (Ultralytics never uses AMP
     there). Never fails on a CPU-only machine.
     """
+    if not gpu_possible():
+        # no GPU to name: the CPU's facts without importing torch into a process that does not use it
+        # (its threads are recorded where torch runs)
+        info = {
+            "device.torch": _torch_version(),
+            "device.cuda_available": "False",
+            "device.cpu": _cpu_model(),
+            "device.cpu_count": str(os.cpu_count()),
+        }
+        return {**info, **_cpu_device(info, device)}
     import torch
 
     info = {
@@ -113,18 +126,33 @@ def device_info(device: str | None = None) -> dict[str, str]:
             }
         )
     else:
-        kind = "mps" if str(device or "").startswith("mps") else "cpu"  # Apple's GPU shares the CPU's memory
-        info.update(
-            {
-                "device": kind,
-                "device.type": kind,
-                "device.count": "1",
-                "device.name": info["device.cpu"],
-                "device.memory_gb": f"{_total_memory_gb():.1f}",
-                "device.amp": "false",
-            }
-        )
+        info.update(_cpu_device(info, device))
     return info
+
+
+def _torch_version() -> str:
+    """``torch.__version__`` read from torch's ``version.py`` (with its build tag, e.g. ``+cu130``) unimported."""
+    spec = importlib.util.find_spec("torch")
+    if spec is not None and spec.origin:
+        with contextlib.suppress(OSError):
+            found = re.search(
+                r"__version__\s*=\s*['\"]([^'\"]+)['\"]", (Path(spec.origin).parent / "version.py").read_text()
+            )
+            if found:
+                return found.group(1)
+    return package_version("torch")
+
+
+def _cpu_device(info: dict[str, str], device: str | None) -> dict[str, str]:
+    kind = "mps" if str(device or "").startswith("mps") else "cpu"  # Apple's GPU shares the CPU's memory
+    return {
+        "device": kind,
+        "device.type": kind,
+        "device.count": "1",
+        "device.name": info["device.cpu"],
+        "device.memory_gb": f"{_total_memory_gb():.1f}",
+        "device.amp": "false",
+    }
 
 
 def _cuda_indices(device: str | None) -> list[int]:

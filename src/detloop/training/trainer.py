@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from detloop.core.errors import BadInput
 from detloop.core.stage import stage_dir, write_json
 from detloop.data import remote
+from detloop.evaluation import measure
 from detloop.model.pyfunc import log_detector
 from detloop.model.yolo import load_model
 from detloop.tracking import oversight, records, registry, runs
@@ -63,7 +64,13 @@ def train_and_register(
             registered_model_name=cfg.mlflow.registered_model,
             onnx=bool(cfg.mlflow.export.onnx),
         )
-    return {"version": str(info.registered_model_version), "run_id": run_id, "final": final}
+    return {
+        "version": str(info.registered_model_version),
+        "run_id": run_id,
+        "final": final,
+        "weights": Path(trainer.best) if Path(trainer.best).is_file() else None,
+        "imgsz": int(train_args["imgsz"]),
+    }
 
 
 def _final_metrics(run_id: str, trainer) -> dict[str, float]:
@@ -87,7 +94,7 @@ def train_from_scratch(
     """
     model = load_model(group.model)  # refuses a .pt that would need a download
     experiment_id = runs.setup(cfg)  # an unreachable store fails here, before any work
-    return train_and_register(
+    trained = train_and_register(
         cfg,
         model,
         group,
@@ -98,6 +105,11 @@ def train_from_scratch(
         params=params,
         param_groups=[stage],
     )
+    if trained["weights"] is not None:
+        # the new base's pass on the split `evaluate` measures, made here where torch and Ultralytics are
+        # already loaded; `evaluate` and the gate find it in the prediction cache
+        measure.predict_split(cfg, trained["weights"], trained["imgsz"])
+    return trained
 
 
 def write_result(cfg: DictConfig, stage: str, trained: dict, lineage: dict) -> dict:
