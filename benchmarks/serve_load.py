@@ -10,13 +10,16 @@ gives it ``production``. Then, on the same images in the same order:
   both as served (the version's ONNX export on ONNX Runtime) and, alternating with it, with the same
   version's PyTorch weights (``model_config={"runtime": "torch"}``): ``runtime_speedup``;
 * **server, sequential**: ``detloop serve`` as a subprocess on 127.0.0.1, one request at a time
-  (``dataframe_split`` JSON, one image per request);
+  (``dataframe_split`` JSON, one image per request), from a Python client (``requests``) and, when
+  Debian's ``wrk`` is installed, from ``wrk`` with one connection (a native client: the server's own
+  latency without the Python client's ~0.5 ms); the server runs ONNX Runtime on every CPU but one, as
+  ``detloop serve`` does by default (``--threads N`` records N threads with the version: both then use N);
 * **server, concurrent**: ``--requests`` requests (default 2,000) from ``--concurrency`` (8) client
   threads; every answer must be 200 and the prediction log must hold exactly one row per request.
 
 Direct and server-sequential runs alternate for ``--rounds`` (3) rounds, so both see the same background
 load; the serving overhead ratio is the server's sequential p50 latency over the direct p50 (the median
-over the rounds). Under load, the
+over the rounds), for each client. Under load, the
 server's requests/s are compared with the direct batched images/s (its ceiling). The client
 threads run on the same two cores as the server, so the concurrent figures include the client's cost.
 Results go to ``build/benchmarks/serve_load.json``, with the load average next to each figure.
@@ -98,8 +101,8 @@ def stats(latencies_ms: list[float], seconds: float) -> dict:
         "requests": len(ordered),
         "seconds": round(seconds, 2),
         "requests_per_s": round(len(ordered) / seconds, 1),
-        "p50_ms": round(q[49], 1),
-        "p95_ms": round(q[94], 1),
+        "p50_ms": round(q[49], 2),
+        "p95_ms": round(q[94], 2),
         "mean_ms": round(statistics.fmean(ordered), 1),
     }
 
@@ -190,7 +193,7 @@ function request()
   return wrk.format("POST", "/invocations", {["Content-Type"] = "application/json"}, bodies[(n % #bodies) + 1])
 end
 function done(summary, latency, requests)
-  io.write(string.format("DETLOOP %d %d %d %.1f %.1f %.1f\\n", summary.requests, summary.errors.status,
+  io.write(string.format("DETLOOP %d %d %d %.3f %.3f %.1f\\n", summary.requests, summary.errors.status,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
     latency:percentile(50) / 1000, latency:percentile(95) / 1000, summary.duration / 1e6))
 end
@@ -245,6 +248,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, help="ONNX Runtime CPU threads in the model (default: all)")
     parser.add_argument("--wrk-seconds", type=int, default=15, help="length of the wrk run (when wrk is installed)")
+    parser.add_argument(
+        "--wrk-sequential-seconds", type=int, default=5, help="length of each round's one-connection wrk run"
+    )
     parser.add_argument("--workdir", type=Path, help="keep the work folder here (default: a temp folder, removed)")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="detloop-serve-load-"))
@@ -274,15 +280,20 @@ def main() -> None:
         proc, url = start_serve(overrides, work / "serve.log")
         sent: set[str] = set()
         try:
-            rounds = []
+            rounds, wrk_answered = [], 0
             for _ in range(args.rounds):  # alternate, so both see the same background load
                 pair = {
                     "direct": direct(model, images, args.sequential),
                     "server": over_http(url, images, args.sequential, 1),
+                    # the same one request at a time from a native client (no Python client cost)
+                    "server_wrk": over_wrk(url, images, args.wrk_sequential_seconds, 1, work),
                     "direct_torch": direct(torch_model, images, args.sequential),
                 }
                 sent |= set(pair["server"].pop("request_ids"))
                 pair["overhead_ratio_p50"] = round(pair["server"]["p50_ms"] / pair["direct"]["p50_ms"], 2)
+                if pair["server_wrk"]:
+                    wrk_answered += pair["server_wrk"]["requests"]
+                    pair["overhead_ratio_p50_wrk"] = round(pair["server_wrk"]["p50_ms"] / pair["direct"]["p50_ms"], 2)
                 rounds.append(pair)
             result["sequential_rounds"] = rounds
             batched = {"onnx": [], "torch": []}
@@ -294,12 +305,9 @@ def main() -> None:
             result["direct_batched_rounds"] = batched
             result["server_concurrent"] = over_http(url, images, args.requests, args.concurrency)
             sent |= set(result["server_concurrent"].pop("request_ids"))
-            from detloop.production import predlog
-
-            store = predlog.open_log(cfg)
-            before_wrk = store.count()
-            store.close()
             result["server_concurrent_wrk"] = over_wrk(url, images, args.wrk_seconds, args.concurrency, work)
+            if result["server_concurrent_wrk"]:
+                wrk_answered += result["server_concurrent_wrk"]["requests"]
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -309,10 +317,9 @@ def main() -> None:
         logged = {r["request_id"] for r in store.rows()}
         store.close()
         result["log"] = {"sent": len(sent), "logged": len(logged), "lost": len(sent - logged)}
-        if result["server_concurrent_wrk"]:  # wrk gives no request ids: its answers against the log's new rows
-            answered = result["server_concurrent_wrk"]["requests"]
-            result["log"]["wrk_answered"], result["log"]["wrk_logged"] = answered, len(logged) - before_wrk
-            result["log"]["wrk_lost"] = max(0, answered - (len(logged) - before_wrk))
+        if wrk_answered:  # wrk gives no request ids: its answers against the log's rows of no Python request
+            result["log"]["wrk_answered"], result["log"]["wrk_logged"] = wrk_answered, len(logged - sent)
+            result["log"]["wrk_lost"] = max(0, wrk_answered - len(logged - sent))
         median = statistics.median
         result["median"] = {
             "direct_p50_ms": median(r["direct"]["p50_ms"] for r in rounds),
@@ -322,6 +329,15 @@ def main() -> None:
             "server_p95_ms": median(r["server"]["p95_ms"] for r in rounds),
             "server_requests_per_s": median(r["server"]["requests_per_s"] for r in rounds),
             "overhead_ratio_p50": median(r["overhead_ratio_p50"] for r in rounds),
+            **(
+                {
+                    "server_wrk_p50_ms": median(r["server_wrk"]["p50_ms"] for r in rounds),
+                    "server_wrk_requests_per_s": median(r["server_wrk"]["requests_per_s"] for r in rounds),
+                    "overhead_ratio_p50_wrk": median(r["overhead_ratio_p50_wrk"] for r in rounds),
+                }
+                if all(r["server_wrk"] for r in rounds)
+                else {}
+            ),
             "direct_torch_p50_ms": median(r["direct_torch"]["p50_ms"] for r in rounds),
             "direct_torch_requests_per_s": median(r["direct_torch"]["requests_per_s"] for r in rounds),
         }

@@ -57,6 +57,16 @@ def test_registered_version_is_served_from_its_onnx_export(registry_cfg, tiny_da
     assert served.unwrap_python_model().runtime == "onnx"
     assert served.unwrap_python_model().providers == ["CPUExecutionProvider"]
     assert torch_model.unwrap_python_model().runtime == "torch"
+    # the pyfunc's own default: every CPU of the process; a model config's threads set the session's
+    from detloop.model.runtime import cpu_threads
+
+    assert served.unwrap_python_model().threads == cpu_threads()
+    one = mlflow.pyfunc.load_model(uri, model_config={"threads": 1})
+    assert one.unwrap_python_model().threads == 1
+    # a fallback (detloop serve's every-CPU-but-one) applies where the version recorded no threads
+    fallback = mlflow.pyfunc.load_model(uri, model_config={"fallback_threads": 1})
+    assert fallback.unwrap_python_model().threads == 1
+    assert torch_model.unwrap_python_model().threads is None
 
     frame = _frame(6)
     onnx_rows, torch_rows = served.predict(frame), torch_model.predict(frame)

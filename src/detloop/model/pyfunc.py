@@ -91,11 +91,14 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         exported = context.artifacts.get(runtime.ONNX_ARTIFACT)
         self.runtime = runtime.choose(str(config.get("runtime") or "auto"), Path(exported) if exported else None)
         weights = exported if self.runtime == "onnx" else context.artifacts[WEIGHTS_ARTIFACT]
-        threads = config.get("threads")
+        # the recorded threads (base.predict.threads), else a caller's fallback (detloop serve: every CPU but
+        # one), else every CPU of the process (runtime.load_detector)
+        threads = config.get("threads") or config.get("fallback_threads")
         self.model = runtime.load_detector(
             weights, imgsz=self.imgsz, device=self.device, threads=int(threads) if threads else None
         )
         self.providers = runtime.providers(self.model)
+        self.threads = runtime.session_threads(self.model)
         self.names = {int(k): v for k, v in self.model.names.items()}
         log.info("detector loaded on %s (%s)", self.runtime, ", ".join(self.providers))
 
@@ -151,7 +154,10 @@ def log_detector(
     from detloop.model import runtime
 
     package = Path(__file__).resolve().parents[1]  # the whole detloop package travels with the model
-    config = {"runtime": "auto", **model_config}
+    # every key load_context reads is recorded (None: its default), since MLflow applies a loader's
+    # model_config only to keys the logged config holds (serve.runtime / serve.threads and detloop serve's
+    # fallback_threads are such overrides)
+    config = {"runtime": "auto", "threads": None, "fallback_threads": None, **model_config}
     with tempfile.TemporaryDirectory(prefix="detloop-model-") as tmp:
         artifacts = {WEIGHTS_ARTIFACT: str(weights)}
         if onnx:

@@ -70,6 +70,17 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+def serving_threads() -> int:
+    """ONNX Runtime's CPU threads behind ``detloop serve``: every CPU this process may use but one, which
+    the server's own request threads (HTTP, JSON, decoding, the prediction log) keep; at least one.
+
+    ONNX Runtime splits each operator across its threads and waits for the slowest, so a thread that
+    shares its core with the server's request work stalls the whole call; on 2 cores one thread served
+    both faster one request at a time and more requests per second under load (``benchmarks/README.md``).
+    """
+    return max(1, cpu_threads() - 1)
+
+
 def choose(runtime: str, onnx_file: Path | None) -> str:
     """``onnx`` or ``torch`` for a model config's ``runtime`` and the version's export (None: none)."""
     if runtime not in RUNTIMES:
@@ -100,7 +111,8 @@ def load_detector(weights: str | Path, *, imgsz: int, device: str | None = None,
     model.predict(Image.new("RGB", (imgsz, imgsz)), imgsz=imgsz, device=device, verbose=False)
     backend = _onnx_backend(model)
     if backend is not None and backend.session.get_providers() == ["CPUExecutionProvider"]:
-        backend.session = cpu_session(weights, threads)
+        backend.detloop_threads = int(threads or cpu_threads())
+        backend.session = cpu_session(weights, backend.detloop_threads)
     return model
 
 
@@ -119,6 +131,12 @@ def cpu_session(onnx_file: Path, threads: int | None):
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+
+
+def session_threads(model) -> int | None:
+    """The intra-op threads of a CPU ONNX Runtime session made by :func:`load_detector` (None otherwise)."""
+    backend = _onnx_backend(model)
+    return getattr(backend, "detloop_threads", None) if backend is not None else None
 
 
 def providers(model) -> list[str]:

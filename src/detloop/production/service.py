@@ -273,9 +273,12 @@ def refuse_body(service: Service, message: str, endpoint: str) -> Answer:
 
 
 def runtime_overrides(cfg: DictConfig) -> dict:
-    """``serve.runtime`` / ``serve.threads`` when set: they override what each version recorded."""
+    """``serve.runtime`` / ``serve.threads`` when set: they override what each version recorded. A version
+    that recorded no threads runs on every CPU but one (:func:`detloop.model.runtime.serving_threads`)."""
+    from detloop.model.runtime import serving_threads
+
     keys = {"runtime": cfg.serve.get("runtime"), "threads": cfg.serve.get("threads")}
-    return {key: value for key, value in keys.items() if value is not None}
+    return {"fallback_threads": serving_threads(), **{key: value for key, value in keys.items() if value is not None}}
 
 
 def build_service(cfg: DictConfig) -> Service:

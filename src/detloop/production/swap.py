@@ -30,11 +30,13 @@ class ServedModel:
 
     @property
     def runtime(self) -> dict:
-        """What runs the version: ``{"runtime": "onnx"|"torch", "providers": [...]}``."""
+        """What runs the version: ``{"runtime": "onnx"|"torch", "providers": [...], "threads": N}`` (threads:
+        ONNX Runtime's CPU threads; None for PyTorch or a GPU provider)."""
         inner = self.model.unwrap_python_model()
         return {
             "runtime": getattr(inner, "runtime", "torch"),
             "providers": list(getattr(inner, "providers", ["torch"])),
+            "threads": getattr(inner, "threads", None),
         }
 
 
