@@ -12,8 +12,7 @@ gives it ``production``. Then, on the same images in the same order:
 * **server, sequential**: ``detloop serve`` as a subprocess on 127.0.0.1, one request at a time
   (``dataframe_split`` JSON, one image per request), from a Python client (``requests``) and, when
   Debian's ``wrk`` is installed, from ``wrk`` with one connection (a native client: the server's own
-  latency without the Python client's ~0.5 ms); the server runs ONNX Runtime on every CPU but one, as
-  ``detloop serve`` does by default (``--threads N`` records N threads with the version: both then use N);
+  latency without the Python client's cost);
 * **server, concurrent**: ``--requests`` requests (default 2,000) from ``--concurrency`` (8) client
   threads; every answer must be 200 and the prediction log must hold exactly one row per request.
 

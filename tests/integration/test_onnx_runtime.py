@@ -63,9 +63,6 @@ def test_registered_version_is_served_from_its_onnx_export(registry_cfg, tiny_da
     assert served.unwrap_python_model().threads == cpu_threads()
     one = mlflow.pyfunc.load_model(uri, model_config={"threads": 1})
     assert one.unwrap_python_model().threads == 1
-    # a fallback (detloop serve's every-CPU-but-one) applies where the version recorded no threads
-    fallback = mlflow.pyfunc.load_model(uri, model_config={"fallback_threads": 1})
-    assert fallback.unwrap_python_model().threads == 1
     assert torch_model.unwrap_python_model().threads is None
 
     frame = _frame(6)

@@ -122,10 +122,10 @@ def test_health_names_the_served_version(project, server):
     assert health["status"] == "ok" and health["version"] == project["v1"] and health["alias"] == "production"
     # served from the ONNX export logged with the version, on ONNX Runtime's CPU provider
     assert health["runtime"] == "onnx" and health["providers"] == ["CPUExecutionProvider"]
-    # with every CPU but one (serve.threads=null): the server's request threads keep a core
+    # on every CPU the server may use (serve.threads=null, base.predict.threads=null)
     from detloop.model.runtime import cpu_threads
 
-    assert health["threads"] == max(1, cpu_threads() - 1)
+    assert health["threads"] == cpu_threads()
     assert requests.get(f"{server['url']}/version", timeout=10).json()["model_version"] == project["v1"]
 
 

@@ -27,6 +27,28 @@ def test_asking_for_onnx_without_an_export_is_refused_by_name():
         runtime.choose("tensorrt", Path("x.onnx"))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("serve.runtime=tensorrt", "serve.runtime: must be one of auto, onnx, torch or null, got 'tensorrt'"),
+        ("serve.threads=0", "serve.threads: must be a whole number >= 1 or null, got 0"),
+        ("serve.threads=two", "serve.threads: must be a whole number >= 1 or null, got 'two'"),
+    ],
+)
+def test_a_bad_serving_override_is_refused_naming_its_key_before_any_load(override, message):
+    from detloop.production.service import runtime_overrides
+
+    with pytest.raises(BadInput, match=message):
+        runtime_overrides(compose([override]))
+
+
+def test_serve_overrides_are_passed_to_the_loader_only_when_set():
+    from detloop.production.service import runtime_overrides
+
+    assert runtime_overrides(compose([])) == {}
+    assert runtime_overrides(compose(["serve.runtime=torch", "serve.threads=3"])) == {"runtime": "torch", "threads": 3}
+
+
 def _measured(map50: float, rate: float) -> dict:
     return {
         "anchor_test": {"objects": 10, "map50": map50, "detection_rate": 0.5},

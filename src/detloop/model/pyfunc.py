@@ -91,9 +91,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         exported = context.artifacts.get(runtime.ONNX_ARTIFACT)
         self.runtime = runtime.choose(str(config.get("runtime") or "auto"), Path(exported) if exported else None)
         weights = exported if self.runtime == "onnx" else context.artifacts[WEIGHTS_ARTIFACT]
-        # the recorded threads (base.predict.threads), else a caller's fallback (detloop serve: every CPU but
-        # one), else every CPU of the process (runtime.load_detector)
-        threads = config.get("threads") or config.get("fallback_threads")
+        threads = config.get("threads")  # None: every CPU of the process (runtime.load_detector)
         self.model = runtime.load_detector(
             weights, imgsz=self.imgsz, device=self.device, threads=int(threads) if threads else None
         )
@@ -155,9 +153,8 @@ def log_detector(
 
     package = Path(__file__).resolve().parents[1]  # the whole detloop package travels with the model
     # every key load_context reads is recorded (None: its default), since MLflow applies a loader's
-    # model_config only to keys the logged config holds (serve.runtime / serve.threads and detloop serve's
-    # fallback_threads are such overrides)
-    config = {"runtime": "auto", "threads": None, "fallback_threads": None, **model_config}
+    # model_config only to keys the logged config holds (serve.runtime / serve.threads are such overrides)
+    config = {"runtime": "auto", "threads": None, **model_config}
     with tempfile.TemporaryDirectory(prefix="detloop-model-") as tmp:
         artifacts = {WEIGHTS_ARTIFACT: str(weights)}
         if onnx:

@@ -70,21 +70,13 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-def serving_threads() -> int:
-    """ONNX Runtime's CPU threads behind ``detloop serve``: every CPU this process may use but one, which
-    the server's own request threads (HTTP, JSON, decoding, the prediction log) keep; at least one.
-
-    ONNX Runtime splits each operator across its threads and waits for the slowest, so a thread that
-    shares its core with the server's request work stalls the whole call; on 2 cores one thread served
-    both faster one request at a time and more requests per second under load (``benchmarks/README.md``).
-    """
-    return max(1, cpu_threads() - 1)
-
-
 def choose(runtime: str, onnx_file: Path | None) -> str:
     """``onnx`` or ``torch`` for a model config's ``runtime`` and the version's export (None: none)."""
     if runtime not in RUNTIMES:
-        raise BadInput(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        raise BadInput(
+            f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}",
+            ["the model config's 'runtime' (recorded from base.predict.runtime; serve.runtime overrides it)"],
+        )
     if runtime == "torch":
         return "torch"
     if onnx_file is not None and onnx_available():

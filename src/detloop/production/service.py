@@ -273,12 +273,16 @@ def refuse_body(service: Service, message: str, endpoint: str) -> Answer:
 
 
 def runtime_overrides(cfg: DictConfig) -> dict:
-    """``serve.runtime`` / ``serve.threads`` when set: they override what each version recorded. A version
-    that recorded no threads runs on every CPU but one (:func:`detloop.model.runtime.serving_threads`)."""
-    from detloop.model.runtime import serving_threads
+    """``serve.runtime`` / ``serve.threads`` when set: they override what each version recorded."""
+    from detloop.model.runtime import RUNTIMES
 
     keys = {"runtime": cfg.serve.get("runtime"), "threads": cfg.serve.get("threads")}
-    return {"fallback_threads": serving_threads(), **{key: value for key, value in keys.items() if value is not None}}
+    if keys["runtime"] is not None and keys["runtime"] not in RUNTIMES:
+        raise BadInput(f"serve.runtime: must be one of {', '.join(RUNTIMES)} or null, got {keys['runtime']!r}")
+    threads = keys["threads"]
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise BadInput(f"serve.threads: must be a whole number >= 1 or null, got {threads!r}")
+    return {key: value for key, value in keys.items() if value is not None}
 
 
 def build_service(cfg: DictConfig) -> Service:
