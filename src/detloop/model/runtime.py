@@ -103,8 +103,7 @@ def load_detector(weights: str | Path, *, imgsz: int, device: str | None = None,
     model.predict(Image.new("RGB", (imgsz, imgsz)), imgsz=imgsz, device=device, verbose=False)
     backend = _onnx_backend(model)
     if backend is not None and backend.session.get_providers() == ["CPUExecutionProvider"]:
-        backend.detloop_threads = int(threads or cpu_threads())
-        backend.session = cpu_session(weights, backend.detloop_threads)
+        backend.session = cpu_session(weights, threads)
     return model
 
 
@@ -128,7 +127,9 @@ def cpu_session(onnx_file: Path, threads: int | None):
 def session_threads(model) -> int | None:
     """The intra-op threads of a CPU ONNX Runtime session made by :func:`load_detector` (None otherwise)."""
     backend = _onnx_backend(model)
-    return getattr(backend, "detloop_threads", None) if backend is not None else None
+    if backend is None or backend.session.get_providers() != ["CPUExecutionProvider"]:
+        return None
+    return int(backend.session.get_session_options().intra_op_num_threads)
 
 
 def providers(model) -> list[str]:
