@@ -160,7 +160,8 @@ def test_evaluate_reuses_the_base_stages_pass_without_loading_torch(trained, tmp
     """The base stage keeps the new version's anchor-test pass; `evaluate`, as its own process, measures
     from it (no torch, no Ultralytics) and gets exactly the figures of a pass made from scratch."""
     cfg, result, base, _ = trained
-    overrides = [*tiny_overrides(base)[:1], f"paths.data={cfg.paths.data}", *tiny_overrides(base)[2:]]
+    overrides = tiny_overrides(base)
+    overrides[1] = f"paths.data={cfg.paths.data}"  # the shared tiny data, as the fixture composed it
     entries = sorted((base / "build" / "cache" / "predictions").glob("*.npz"))
     assert entries, "the base stage kept no prediction pass"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}

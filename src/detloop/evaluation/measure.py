@@ -102,12 +102,13 @@ def predict_split(cfg: DictConfig, weights: Path, imgsz: int, split: str | None 
     """
     if predictions.cache_settings(cfg)[0] is None:
         return False
-    images = anchor_images(resolve_path(cfg, "anchor"), split or str(cfg.evaluate.split))
+    split = split or str(cfg.evaluate.split)
+    images = anchor_images(resolve_path(cfg, "anchor"), split)
     if not images:
         return False
-    started, hit = time.perf_counter(), {}
-    predict(cfg, Path(weights), imgsz, images, hit=hit)
-    log.info("anchor %s pass kept for evaluate: %.2f s", split or cfg.evaluate.split, time.perf_counter() - started)
+    started = time.perf_counter()
+    predict(cfg, Path(weights), imgsz, images)
+    log.info("anchor %s pass kept for evaluate: %.2f s", split, time.perf_counter() - started)
     return True
 
 
