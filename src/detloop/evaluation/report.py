@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 
 def report_markdown(record: dict) -> str:
     cand, ref = record["measured"]["candidate"], record["measured"]["reference"]
@@ -71,12 +69,16 @@ def label_check_lines(record: dict) -> list[str]:
     return lines
 
 
-def per_class_plot(record: dict, path: Path) -> None:
-    """Per-class comparison: anchor-test AP50 and pool-holdout detection rate, reference vs candidate."""
-    import matplotlib
+PLOT_COLORS = {"reference": (154, 165, 177), "candidate": (47, 111, 219), "threshold": (192, 57, 43)}
+PANEL_SIZE = (660, 396)  # pixels per panel
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def per_class_plot(record: dict, path: Path) -> None:
+    """Per-class comparison: anchor-test AP50 and pool-holdout detection rate, reference vs candidate.
+
+    A grouped bar chart per panel, drawn with Pillow (the gate runs in every ``dvc repro``; a plotting
+    library's import would cost it more than the drawing)."""
+    from PIL import Image, ImageDraw
 
     cand, ref = record["measured"]["candidate"], record["measured"]["reference"]
     c, r = record["candidate"]["version"], record["production"]["version"]
@@ -84,22 +86,85 @@ def per_class_plot(record: dict, path: Path) -> None:
     panels = [("anchor_test", "ap50", "anchor test: AP50 (Gate 1)")]
     if cand["pool_holdout"].get("objects"):
         panels.append(("pool_holdout", "detection_rate_per_class", "pool holdout: detection rate (Gate 2)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False)
-    for ax, (key, field, title) in zip(axes[0], panels, strict=True):
+    width, height = PANEL_SIZE
+    image = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((26, 8), f"v{c} vs v{r}: {record['decision'].upper()}", font=_font(17), fill="black")
+    legend = [("reference", f"v{r} (reference)"), ("candidate", f"v{c} (candidate)")]
+    if len(panels) > 1:
+        legend.insert(0, ("threshold", f"Gate 2 pass > {threshold:.0%}"))
+    _legend(draw, legend, right=image.width - 12, top=10)
+    for index, (key, field, title) in enumerate(panels):
         classes = list(ref[key][field])
-        x = np.arange(len(classes))
-        ax.bar(x - 0.2, [ref[key][field][k] for k in classes], 0.4, label=f"v{r} (reference)", color="#9aa5b1")
-        ax.bar(
-            x + 0.2, [cand[key][field].get(k, 0.0) for k in classes], 0.4, label=f"v{c} (candidate)", color="#2f6fdb"
-        )
-        ax.set_xticks(x, classes, rotation=30, ha="right")
-        ax.set_ylim(0, 1.05)
-        ax.set_title(title)
-        if key == "pool_holdout":
-            ax.axhline(threshold, color="#c0392b", linestyle="--", linewidth=1, label=f"Gate 2 pass > {threshold:.0%}")
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=len(labels), frameon=False)
-    fig.suptitle(f"v{c} vs v{r}: {record['decision'].upper()}", x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        bars = {
+            "reference": [ref[key][field][k] for k in classes],
+            "candidate": [cand[key][field].get(k, 0.0) for k in classes],
+        }
+        line = threshold if key == "pool_holdout" else None
+        _bar_panel(image, draw, (index * width, 0), title, classes, bars, line)
+    image.save(path)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _legend(draw, entries: list[tuple[str, str]], *, right: int, top: int) -> None:
+    """Legend entries (colour key, label) in one row ending at ``right``."""
+    font = _font(12)
+    x = right
+    for key, label in reversed(entries):
+        x -= int(draw.textlength(label, font=font))
+        draw.text((x, top), label, font=font, fill="black")
+        x -= 30
+        colour = PLOT_COLORS[key]
+        if key == "threshold":
+            for dash in range(x, x + 24, 8):
+                draw.line([(dash, top + 7), (dash + 4, top + 7)], fill=colour, width=1)
+        else:
+            draw.rectangle([x, top + 2, x + 24, top + 11], fill=colour)
+        x -= 28
+
+
+def _bar_panel(image, draw, origin, title, classes, bars, threshold) -> None:
+    """One panel: axes from 0 to 1.05, a pair of bars per class, the class names at 30 degrees."""
+    ox, oy = origin
+    left, right, top, bottom = ox + 52, ox + PANEL_SIZE[0] - 14, oy + 106, oy + 318
+    scale = (bottom - top) / 1.05
+
+    def y_of(value: float) -> int:
+        return round(bottom - max(0.0, min(float(value), 1.05)) * scale)
+
+    font = _font(13)
+    draw.text(((left + right) // 2, top - 8), title, font=_font(15), fill="black", anchor="ms")
+    for tick in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        y = y_of(tick)
+        draw.line([(left - 4, y), (left, y)], fill="black")
+        draw.text((left - 7, y), f"{tick:.1f}", font=font, fill="black", anchor="rm")
+    slot = (right - left) / max(1, len(classes))
+    for k, name in enumerate(classes):
+        centre = left + slot * (k + 0.5)
+        for side, role in ((-1, "reference"), (0, "candidate")):
+            x0 = round(centre + side * 0.4 * slot)
+            draw.rectangle([x0, y_of(bars[role][k]), round(x0 + 0.4 * slot) - 1, bottom], fill=PLOT_COLORS[role])
+        draw.line([(round(centre), bottom), (round(centre), bottom + 4)], fill="black")
+        _rotated_label(image, name, font, anchor=(round(centre), bottom + 8))
+    if threshold is not None:
+        y = y_of(threshold)
+        for dash in range(left, right, 8):
+            draw.line([(dash, y), (min(dash + 4, right), y)], fill=PLOT_COLORS["threshold"])
+    draw.rectangle([left, top, right, bottom], outline="black")
+
+
+def _rotated_label(image, text: str, font, anchor: tuple[int, int]) -> None:
+    """``text`` turned 30 degrees anticlockwise, its right end just below ``anchor``."""
+    from PIL import Image, ImageDraw
+
+    size = (int(ImageDraw.Draw(image).textlength(text, font=font)) + 4, 18)
+    label = Image.new("L", size, 0)
+    ImageDraw.Draw(label).text((2, 1), text, font=font, fill=255)
+    turned = label.rotate(30, expand=True, resample=Image.Resampling.BICUBIC)
+    x, y = anchor[0] - turned.width, anchor[1]
+    image.paste((0, 0, 0), (x, y, x + turned.width, y + turned.height), turned)
