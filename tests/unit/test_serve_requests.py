@@ -18,7 +18,14 @@ from tests.serving_helpers import page_bytes
 from detloop.core.errors import BadInput
 from detloop.production.batching import Batcher, _Job
 from detloop.production.reports import yolo_lines
-from detloop.production.request_checks import Limits, RequestRefused, parse_report, parse_request
+from detloop.production.request_checks import (
+    Limits,
+    RequestRefused,
+    parse_frame,
+    parse_report,
+    parse_request,
+    plain_images,
+)
 from detloop.production.swap import ModelWatcher, ServedModel
 from detloop.tracking import registry
 
@@ -61,6 +68,38 @@ def test_every_mlflow_scoring_format_is_accepted(payload):
         ("jpeg", 96, 120, ".jpg"),
         ("png", 96, 120, ".png"),
     ]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"dataframe_split": {"columns": ["image"], "data": [["A"], ["B"]]}},
+        {"dataframe_split": {"columns": ["image"], "data": [["A"]], "index": [7]}},
+        {"dataframe_records": [{"image": "A"}, {"image": "B"}, {"image": "A"}]},
+    ],
+)
+def test_the_common_shapes_read_without_a_table_give_what_mlflows_parser_gives(payload):
+    assert plain_images(payload) == parse_frame(payload)["image"].tolist()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"dataframe_split": {"columns": ["image", "note"], "data": [["A", "x"]]}},
+        {"dataframe_split": {"columns": ["image"], "data": [[5]]}},
+        {"dataframe_split": {"columns": ["image"], "data": []}},
+        {"dataframe_split": {"columns": ["image"], "data": [["A"]], "index": [1, 2]}},
+        {"dataframe_split": {"columns": ["image"], "data": [["A"]], "dtypes": ["str"]}},
+        {"dataframe_records": []},
+        {"dataframe_records": [{"image": "A", "note": "x"}]},
+        {"dataframe_records": [{"image": None}]},
+        {"dataframe_records": [{"image": "A"}], "params": {"conf": 0.5}},
+        {"inputs": {"image": ["A"]}},
+        {"instances": [{"image": "A"}]},
+    ],
+)
+def test_every_other_shape_is_left_to_mlflows_parser(payload):
+    assert plain_images(payload) is None
 
 
 def test_a_raw_image_body_is_one_image():

@@ -145,7 +145,11 @@ def parse_request(body: bytes, content_type: str | None, limits: Limits) -> list
             f"unsupported Content-Type {content_type or '(none)'!r}",
             ["use application/json (MLflow scoring protocol) or image/<format> (one raw image)"],
         )
-    return frame_images(parse_frame(decode_json(body)), limits)
+    payload = decode_json(body)
+    values = plain_images(payload)
+    if values is None:  # any other shape is read by MLflow's own parser, as `mlflow models serve` reads it
+        return frame_images(parse_frame(payload), limits)
+    return checked_images(values, limits)
 
 
 def decode_json(body: bytes):
@@ -162,6 +166,43 @@ def decode_json(body: bytes):
             f"the JSON body must be an object with one of {', '.join(JSON_FORMATS)}; got a {type(payload).__name__}",
         )
     return payload
+
+
+def plain_images(payload: dict) -> list[str] | None:
+    """The ``image`` strings of the two shapes clients send most, read without building a table:
+    ``{"dataframe_split": {"columns": ["image"], "data": [[...], ...]}}`` (an ``index`` allowed) and
+    ``{"dataframe_records": [{"image": ...}, ...]}``, at least one row, every cell a string. None for anything
+    else, which :func:`parse_frame` reads (MLflow's parser gives these two shapes the same ``image`` column)."""
+    if len(payload) != 1:
+        return None
+    if "dataframe_split" in payload:
+        split = payload["dataframe_split"]
+        if (
+            not isinstance(split, dict)
+            or split.get("columns") != ["image"]
+            or not set(split) <= {"columns", "data", "index"}
+        ):
+            return None
+        rows = split.get("data")
+        if (
+            not isinstance(rows, list)
+            or not rows
+            or not all(isinstance(r, list) and len(r) == 1 and isinstance(r[0], str) for r in rows)
+        ):
+            return None
+        if "index" in split and (not isinstance(split["index"], list) or len(split["index"]) != len(rows)):
+            return None
+        return [r[0] for r in rows]
+    if "dataframe_records" in payload:
+        records = payload["dataframe_records"]
+        if (
+            not isinstance(records, list)
+            or not records
+            or not all(isinstance(r, dict) and len(r) == 1 and isinstance(r.get("image"), str) for r in records)
+        ):
+            return None
+        return [r["image"] for r in records]
+    return None
 
 
 def parse_frame(payload: dict):
@@ -190,7 +231,11 @@ def frame_images(frame, limits: Limits) -> list[CheckedImage]:
     if "image" not in frame.columns:
         columns = [str(c) for c in frame.columns]
         raise RequestRefused(400, f"the input table needs a column 'image'; got columns {columns}")
-    values = frame["image"].tolist()
+    return checked_images(frame["image"].tolist(), limits)
+
+
+def checked_images(values: list, limits: Limits) -> list[CheckedImage]:
+    """Each ``image`` value of the request (base64, or a local path when ``serve.limits.allow_paths``), checked."""
     if not values:
         raise RequestRefused(400, "no images in the request (the input table has no rows)")
     if len(values) > limits.max_images:
