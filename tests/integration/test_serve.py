@@ -94,6 +94,19 @@ def score(server, pages: list[bytes]):
     return post(server, "/invocations", json.dumps(payload).encode())
 
 
+def turned_by_exif(jpeg: bytes) -> bytes:
+    """The JPEG stored sideways with an EXIF orientation tag (6: shown turned 90 degrees clockwise)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as im:
+        sideways = im.transpose(Image.Transpose.ROTATE_90)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        out = io.BytesIO()
+        sideways.save(out, "JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue()
+
+
 def test_the_server_decodes_each_image_once_and_answers_as_the_pyfunc(project, monkeypatch):
     # given the served version loaded as the server loads it, and a count of the pyfunc's own decodes
     from detloop.model import pyfunc
@@ -105,7 +118,7 @@ def test_the_server_decodes_each_image_once_and_answers_as_the_pyfunc(project, m
     decoded: list[int] = []
     real = pyfunc.decode_image
     monkeypatch.setattr(pyfunc, "decode_image", lambda value, row: decoded.append(row) or real(value, row))
-    pages = [page_bytes(21), page_bytes(22, (200, 150), "PNG")]
+    pages = [page_bytes(21), page_bytes(22, (200, 150), "PNG"), turned_by_exif(page_bytes(23))]
     body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64(p)] for p in pages]}}).encode()
     # when the server path scores the request (checked images, then the batcher)
     images = parse_request(body, "application/json", Limits.from_cfg(project["cfg"]))
@@ -113,7 +126,7 @@ def test_the_server_decodes_each_image_once_and_answers_as_the_pyfunc(project, m
     # then the model got the pixels the check decoded (no second decode) and answered as predict() does
     assert decoded == []
     direct = served.model.predict(pd.DataFrame({"image": [b64(p) for p in pages]}))
-    assert decoded == [0, 1] and len(direct) > 0
+    assert decoded == [0, 1, 2] and len(direct) > 0
     assert [d for dets in answered for d in dets] == direct.to_dict(orient="records")
 
 

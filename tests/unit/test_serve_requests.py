@@ -324,3 +324,47 @@ def test_a_failing_batch_is_retried_request_by_request():
     assert [job.result for job in batch] == [[[{"row": 0, "class_id": 7}]]] * 2 and batcher.calls == 3
     with pytest.raises(BadInput, match="serve.batch_images=0"):
         Batcher(0)
+
+
+def test_under_many_threads_every_request_gets_its_own_answer_and_the_model_is_handed_over():
+    """16 threads, 25 requests each, a model that takes a little time: each request is answered with its own
+    rows, no thread is left waiting, calls are batched, and the model never runs twice at once."""
+    import pandas as pd
+
+    class Slow:
+        def __init__(self):
+            self.running, self.overlaps, self.calls = 0, 0, 0
+            self.lock = threading.Lock()
+
+        def predict(self, frame):
+            with self.lock:
+                self.running += 1
+                self.overlaps += self.running > 1
+            time.sleep(0.002)
+            widths = [parse_request(base64.b64decode(v), "image/jpeg", LIMITS)[0].width for v in frame["image"]]
+            with self.lock:
+                self.running -= 1
+                self.calls += 1
+            return pd.DataFrame([{"row": i, "class_id": w} for i, w in enumerate(widths)])
+
+    model, batcher = Slow(), Batcher(max_images=6)
+    served = ServedModel("m", "1", model, "now")
+    images = {w: parse_request(page_bytes(w, (w, 40)), "image/jpeg", LIMITS)[0] for w in (40, 50)}
+    wrong: list[tuple] = []
+
+    def client(k: int) -> None:  # two image sizes, one to three images per request
+        width, count = (40, 50)[k % 2], 1 + k % 3
+        for _ in range(25):
+            answer = batcher.predict(served, [images[width]] * count)
+            if [[(d["class_id"], d["row"]) for d in dets] for dets in answer] != [[(width, r)] for r in range(count)]:
+                wrong.append((k, answer))
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(16)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "requests left waiting for the model"
+    assert wrong == [] and model.overlaps == 0
+    assert batcher.calls == model.calls < 16 * 25 and not batcher._busy and batcher._queue == []

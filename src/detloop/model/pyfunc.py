@@ -112,10 +112,23 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
             return pd.DataFrame(columns=OUTPUT_COLUMNS)
         return pd.DataFrame(self.detect(images), columns=OUTPUT_COLUMNS)
 
+    @staticmethod
+    def prepare(image):
+        """A decoded RGB PIL image as the array Ultralytics makes of it before predicting: EXIF orientation
+        applied, BGR channel order (OpenCV's), contiguous. :meth:`detect` gives the same rows for either;
+        ``detloop serve`` prepares each request's images in the request's own thread, while the model is
+        busy with other requests."""
+        import cv2
+        import numpy as np
+        from PIL import ImageOps
+
+        return cv2.cvtColor(np.asarray(ImageOps.exif_transpose(image)), cv2.COLOR_RGB2BGR)
+
     def detect(self, images: list) -> list[list]:
-        """Output rows (``OUTPUT_COLUMNS`` order) for already decoded RGB PIL images, without the table:
-        what ``predict`` does after decoding. ``detloop serve`` calls it with the images it decoded to
-        check them, so each request image is decoded once."""
+        """Output rows (``OUTPUT_COLUMNS`` order) for already decoded images, without the table: what
+        ``predict`` does after decoding. Each image is an RGB PIL image or what :meth:`prepare` made of one.
+        ``detloop serve`` calls it with the images it decoded to check them, so each request image is
+        decoded once."""
         results = self.model.predict(
             images,
             conf=self.conf,

@@ -15,7 +15,9 @@ from detloop.production.swap import ServedModel
 class _Job:
     served: ServedModel
     images: list[CheckedImage]
+    inputs: list | None = None  # what the model's ``detect`` takes (prepared in the request's thread), or None
     done: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)  # done, or this job's turn to run the model
     result: list[list[dict]] | None = None
     error: BaseException | None = None
 
@@ -30,10 +32,12 @@ class Batcher:
     """One model call at a time (the model is not thread-safe), with opportunistic batching.
 
     Requests that arrive while the model is busy queue up; the next call takes the queued jobs of the
-    same model version and the same image size together, up to ``max_images`` images (one pyfunc
-    ``predict`` on the combined table). Nothing waits for a batch to fill, so a lone request is never
-    delayed. Equal sizes keep each image's preprocessing (Ultralytics' letterbox) exactly as in a
-    single call. A failing batch is retried job by job, so one request's failure stays its own.
+    same model version and the same image size together, up to ``max_images`` images (one model call on
+    the combined images). Nothing waits for a batch to fill, so a lone request is never delayed: its own
+    thread runs the model at once. When a call ends, the model is handed to the thread of the oldest
+    queued request, and only that thread and those of the finished requests are woken. Equal sizes keep
+    each image's preprocessing (Ultralytics' letterbox) exactly as in a single call. A failing batch is
+    retried job by job, so one request's failure stays its own.
     """
 
     def __init__(self, max_images: int):
@@ -41,19 +45,21 @@ class Batcher:
             raise BadInput(f"serve.batch_images={max_images}: must be >= 1 (1 = no batching)")
         self.max_images = max_images
         self._queue: list[_Job] = []
-        self._cond = threading.Condition()
-        self._busy = False
+        self._lock = threading.Lock()
+        self._busy = False  # a thread holds the model (running it, or handed it and about to)
         self.calls = 0  # model calls so far (batching shows as calls < requests)
 
     def predict(self, served: ServedModel, images: list[CheckedImage]) -> list[list[dict]]:
-        job = _Job(served, images)
-        with self._cond:
+        job = _Job(served, images, _prepared(served, images))
+        with self._lock:
             self._queue.append(job)
-        while not job.done.is_set():
-            batch = self._take()
-            if batch is None:  # another thread is running the model: wait for it, then look again
-                with self._cond:
-                    self._cond.wait_for(lambda: job.done.is_set() or not self._busy, timeout=1.0)
+            batch = self._take() if not self._busy else None
+        while batch is not None or not job.done.is_set():
+            if batch is None:
+                job.wake.wait()  # set when the job is done, or when the model is handed to this thread
+                with self._lock:
+                    job.wake.clear()
+                    batch = None if job.done.is_set() else self._take()
                 continue
             try:
                 self._run(batch)
@@ -62,32 +68,32 @@ class Batcher:
                     if not other.done.is_set():
                         other.error = other.error or RuntimeError("the prediction was interrupted")
                         other.done.set()
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                    other.wake.set()
+                with self._lock:
+                    self._busy = bool(self._queue)
+                    if self._queue:  # hand the model to the oldest waiting request's thread
+                        self._queue[0].wake.set()
+            batch = None
         if job.error is not None:
             raise job.error
         return job.result
 
-    def _take(self) -> list[_Job] | None:
-        """The next batch (marking the model busy), or None while the model is busy."""
-        with self._cond:
-            if self._busy or not self._queue:
-                return None
-            first = self._queue.pop(0)
-            batch, count = [first], len(first.images)
-            for job in list(self._queue):
-                fits = count + len(job.images) <= self.max_images
-                if fits and job.served is first.served and first.shape is not None and job.shape == first.shape:
-                    self._queue.remove(job)
-                    batch.append(job)
-                    count += len(job.images)
-            self._busy = True
-            return batch
+    def _take(self) -> list[_Job]:
+        """The next batch, from the head of the queue (called holding the lock; marks the model busy)."""
+        first = self._queue.pop(0)
+        batch, count = [first], len(first.images)
+        for job in list(self._queue):
+            fits = count + len(job.images) <= self.max_images
+            if fits and job.served is first.served and first.shape is not None and job.shape == first.shape:
+                self._queue.remove(job)
+                batch.append(job)
+                count += len(job.images)
+        self._busy = True
+        return batch
 
     def _run(self, batch: list[_Job]) -> None:
         try:
-            results = self._call(batch[0].served, [im for job in batch for im in job.images])
+            results = self._call(batch[0].served, batch)
         except Exception as err:
             if len(batch) == 1:
                 batch[0].error = err
@@ -105,17 +111,28 @@ class Batcher:
             offset += len(job.images)
             job.done.set()
 
-    def _call(self, served: ServedModel, images: list[CheckedImage]) -> list[list[dict]]:
-        """One model call. A detloop model takes the pixels the request check decoded (its ``detect``);
-        any other pyfunc gets the base64 table of the scoring protocol."""
+    def _call(self, served: ServedModel, batch: list[_Job]) -> list[list[dict]]:
+        """One model call. A detloop model takes the pixels the request check decoded (its ``detect``, on
+        what its ``prepare`` made of them); any other pyfunc gets the base64 table of the scoring protocol."""
         self.calls += 1
-        detect = getattr(_python_model(served.model), "detect", None)
-        if detect is not None and all(im.rgb is not None for im in images):
-            return rows_by_image(detect([im.rgb for im in images]), len(images))
+        images = [im for job in batch for im in job.images]
+        if all(job.inputs is not None for job in batch):
+            detect = _python_model(served.model).detect
+            return rows_by_image(detect([x for job in batch for x in job.inputs]), len(images))
         import pandas as pd
 
         table = served.model.predict(pd.DataFrame({"image": [im.base64() for im in images]}))
         return predictions_by_row(table, len(images))
+
+
+def _prepared(served: ServedModel, images: list[CheckedImage]) -> list | None:
+    """The images as the served detloop model's ``detect`` takes them (prepared here, in the request's
+    thread, while the model may be busy); None for another pyfunc or images without decoded pixels."""
+    inner = _python_model(served.model)
+    if getattr(inner, "detect", None) is None or any(im.rgb is None for im in images):
+        return None
+    prepare = getattr(inner, "prepare", None)
+    return [prepare(im.rgb) if prepare is not None else im.rgb for im in images]
 
 
 def _python_model(model):
