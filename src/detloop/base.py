@@ -73,12 +73,15 @@ def _tag_and_alias(cfg: DictConfig, version: str, run_id: str, anchor: Path) -> 
     )
     in_sweep = runs.SWEEP_TAG in mlflow.get_run(run_id).data.tags
     why = "base stage trained a new base model"
-    took_base = True
     if not in_sweep:
         registry.move_alias(cfg, "base", version, why=why, decision="base")
-    elif registry.alias_holder(name, "base") is None:  # a sweep: the first job to finish takes it
-        took_base = _take_if_free(cfg, "base", version, why=why, decision="base")
-    # a sweep into an empty registry: the job that took base bootstraps production too (one first model)
+        took_base = True
+    else:  # a sweep: the first job to finish takes base; a job that finds it taken takes nothing
+        took_base = registry.alias_holder(name, "base") is None and _take_if_free(
+            cfg, "base", version, why=why, decision="base"
+        )
+    # a sweep into an empty registry: the job that took base bootstraps production too (one first model),
+    # never a job that found base taken while its taker had not yet reached production
     if took_base and registry.alias_holder(name, "production") is None:
         _take_if_free(
             cfg,

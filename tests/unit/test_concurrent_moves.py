@@ -147,3 +147,25 @@ def test_a_move_this_process_gave_up_does_not_block_its_next_move(registry_cfg):
     assert time.monotonic() - started < inflight.WAIT_SECONDS
     states = [(m["who"], m["state"]) for m in registry.history(cfg) if m["alias"] == "production"]
     assert states[-2:] == [("serve", "interrupted"), ("bob", "done")]
+
+
+def test_a_sweep_job_that_finds_base_taken_does_not_take_production(registry_cfg, tmp_path):
+    """Two base jobs of a sweep into an empty registry: job A has taken ``base`` and is about to take
+    ``production``; job B, finishing in between, finds ``base`` taken and must take neither alias (before,
+    it took ``production``, leaving base and production on different versions)."""
+    import mlflow
+    from tests.conftest import register_version
+
+    from detloop import base as base_stage
+    from detloop.tracking import runs
+
+    name = registry_cfg.mlflow.registered_model
+    first, second = register_version(registry_cfg), register_version(registry_cfg)
+    run_b = mlflow.MlflowClient().get_model_version(name, second).run_id
+    mlflow.MlflowClient().set_tag(run_b, runs.SWEEP_TAG, str(tmp_path / "sweep"))
+    assert base_stage._take_if_free(registry_cfg, "base", first, why="job A", decision="base")
+
+    base_stage._tag_and_alias(registry_cfg, second, run_b, tmp_path / "anchor")
+
+    assert registry.alias_holder(name, "base") == first
+    assert registry.alias_holder(name, "production") is None  # left to job A, which took base
