@@ -116,7 +116,7 @@ def _legend(draw, entries: list[tuple[str, str]], *, right: int, top: int) -> No
     font = _font(12)
     x = right
     for key, label in reversed(entries):
-        x -= int(draw.textlength(label, font=font))
+        x -= int(font.getlength(label))
         draw.text((x, top), label, font=font, fill="black")
         x -= 30
         colour = PLOT_COLORS[key]
@@ -162,7 +162,7 @@ def _rotated_label(image, text: str, font, anchor: tuple[int, int]) -> None:
     """``text`` turned 30 degrees anticlockwise, its right end just below ``anchor``."""
     from PIL import Image, ImageDraw
 
-    size = (int(ImageDraw.Draw(image).textlength(text, font=font)) + 4, 18)
+    size = (int(font.getlength(text)) + 4, 18)
     label = Image.new("L", size, 0)
     ImageDraw.Draw(label).text((2, 1), text, font=font, fill=255)
     turned = label.rotate(30, expand=True, resample=Image.Resampling.BICUBIC)
