@@ -14,16 +14,25 @@ gives it ``production``. Then, on the same images in the same order:
   Debian's ``wrk`` is installed, from ``wrk`` with one connection (a native client: the server's own
   latency without the Python client's cost);
 * **server, concurrent**: ``--requests`` requests (default 2,000) from ``--concurrency`` (8) client
-  threads; every answer must be 200 and the prediction log must hold exactly one row per request.
+  threads; every answer must be 200 and the prediction log must hold exactly one row per request;
+* **server, saturated**: ``wrk`` with ``--saturate`` connections (default 16, twice the ceiling's batch),
+  alternating round by round with the direct batched ceiling. The server runs with
+  ``serve.batch_images=8``, the ceiling's batch, so both score at most 8 images per model call; with 16
+  connections a full batch queues while another is scored. With 8 connections it cannot: the batcher
+  never waits for a batch to fill, so 8 clients settle into two groups of about 4 images per call, and
+  that figure compares 4-image calls with the 8-image ceiling. The images per model call are recorded
+  for both (``/health``'s ``model_calls``).
 
 Direct and server-sequential runs alternate for ``--rounds`` (3) rounds, so both see the same background
 load; the serving overhead ratio is the server's sequential p50 latency over the direct p50 (the median
 over the rounds), for each client. Under load, the
-server's requests/s are compared with the direct batched images/s (its ceiling). The client
+server's requests/s are compared with the direct batched images/s (its ceiling); the saturated share is
+the median over the rounds of each round's ``wrk`` requests/s over that round's ceiling. The client
 threads run on the same two cores as the server, so the concurrent figures include the client's cost.
 Results go to ``build/benchmarks/serve_load.json``, with the load average next to each figure.
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 2000] [--concurrency 8] [--rounds 3] [--workdir PATH]
+    .venv/bin/python benchmarks/serve_load.py [--requests 2000] [--concurrency 8] [--saturate 16] [--rounds 3]
+        [--workdir PATH]
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from detloop.core.config import compose  # noqa: E402
 
 OUT = ROOT / "build" / "benchmarks" / "serve_load.json"
 IMGSZ = 160
+BATCH = 8  # images per call of the direct batched ceiling, and the server's serve.batch_images
 
 
 def overrides_for(work: Path) -> list[str]:
@@ -199,6 +209,16 @@ end
 """
 
 
+def model_calls(url: str) -> int:
+    """The server's model calls so far (``/health``)."""
+    return int(requests.get(f"{url}/health", timeout=30).json()["model_calls"])
+
+
+def per_call(run: dict, calls: int) -> float | None:
+    """Requests (one image each) per model call during a ``wrk`` run (about: wrk counts what it finished)."""
+    return round(run["requests"] / calls, 2) if calls else None
+
+
 def over_wrk(url: str, images: list[str], seconds: int, concurrency: int, work: Path) -> dict | None:
     """The same one-image requests from ``wrk`` (Debian's HTTP load generator, one thread, ``concurrency``
     connections): a client that costs the 2 shared cores far less than Python threads. None without wrk."""
@@ -250,6 +270,10 @@ def main() -> None:
     parser.add_argument(
         "--wrk-sequential-seconds", type=int, default=5, help="length of each round's one-connection wrk run"
     )
+    parser.add_argument(
+        "--saturate", type=int, default=2 * BATCH, help="wrk connections of the saturated run (default: 2 batches)"
+    )
+    parser.add_argument("--saturate-seconds", type=int, default=8, help="length of each round's saturated wrk run")
     parser.add_argument("--workdir", type=Path, help="keep the work folder here (default: a temp folder, removed)")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="detloop-serve-load-"))
@@ -276,7 +300,8 @@ def main() -> None:
         torch_model = load_direct(cfg, "torch")
         result["runtime"] = model.unwrap_python_model().runtime
         result["providers"] = model.unwrap_python_model().providers
-        proc, url = start_serve(overrides, work / "serve.log")
+        # the server's batches capped at the ceiling's (serve.batch_images), so the shares compare like with like
+        proc, url = start_serve([*overrides, f"serve.batch_images={BATCH}"], work / "serve.log")
         sent: set[str] = set()
         try:
             rounds, wrk_answered = [], 0
@@ -297,16 +322,45 @@ def main() -> None:
             result["sequential_rounds"] = rounds
             batched = {"onnx": [], "torch": []}
             for _ in range(args.rounds):  # the ceiling of each runtime, alternating
-                batched["onnx"].append(direct(model, images, args.sequential * 4, batch=8))
-                batched["torch"].append(direct(torch_model, images, args.sequential * 4, batch=8))
+                batched["onnx"].append(direct(model, images, args.sequential * 4, batch=BATCH))
+                batched["torch"].append(direct(torch_model, images, args.sequential * 4, batch=BATCH))
             pick = {k: sorted(v, key=lambda r: r["images_per_s"])[len(v) // 2] for k, v in batched.items()}
             result["direct_batched"], result["direct_batched_torch"] = pick["onnx"], pick["torch"]
             result["direct_batched_rounds"] = batched
             result["server_concurrent"] = over_http(url, images, args.requests, args.concurrency)
             sent |= set(result["server_concurrent"].pop("request_ids"))
+            calls = model_calls(url)
             result["server_concurrent_wrk"] = over_wrk(url, images, args.wrk_seconds, args.concurrency, work)
             if result["server_concurrent_wrk"]:
                 wrk_answered += result["server_concurrent_wrk"]["requests"]
+                result["server_concurrent_wrk"]["images_per_call"] = per_call(
+                    result["server_concurrent_wrk"], model_calls(url) - calls
+                )
+            saturated = []
+            for _ in range(args.rounds if shutil.which("wrk") else 0):  # the ceiling and the saturated server
+                ceiling = direct(model, images, args.sequential * 4, batch=BATCH)
+                calls = model_calls(url)
+                run = over_wrk(url, images, args.saturate_seconds, args.saturate, work)
+                run["images_per_call"] = per_call(run, model_calls(url) - calls)
+                wrk_answered += run["requests"]
+                share = round(run["requests_per_s"] / ceiling["images_per_s"], 2)
+                saturated.append({"ceiling": ceiling, "server_wrk": run, "share_of_batched_ceiling": share})
+            if saturated:
+                result["saturated_rounds"] = saturated
+                result["saturated"] = {
+                    "connections": args.saturate,
+                    "batch_images": BATCH,
+                    **{
+                        key: statistics.median(r[part][field] for r in saturated)
+                        for key, part, field in (
+                            ("ceiling_images_per_s", "ceiling", "images_per_s"),
+                            ("server_requests_per_s", "server_wrk", "requests_per_s"),
+                            ("server_p50_ms", "server_wrk", "p50_ms"),
+                            ("images_per_call", "server_wrk", "images_per_call"),
+                        )
+                    },
+                    "share_of_batched_ceiling": statistics.median(r["share_of_batched_ceiling"] for r in saturated),
+                }
         finally:
             proc.terminate()
             proc.wait(timeout=60)
