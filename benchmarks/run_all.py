@@ -460,6 +460,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         check=_module("fiftyone"),
     ),
     Benchmark("serve_load", "serve_load.py", "about 2 min", "nothing", ("--requests", "1000")),
+    Benchmark(
+        "serve_load_workers",
+        "serve_load.py",
+        "about 2 min",
+        "nothing",
+        ("--requests", "1000", "--workers", "2", "--out", "{root}/build/benchmarks/serve_load_workers.json"),
+    ),
     Benchmark("monitor_scale", "monitor_scale.py", "about 3 min", "nothing (a 525 MB log in a temporary folder)"),
     Benchmark(
         "fiftyone_load",

@@ -29,10 +29,12 @@ over the rounds), for each client. Under load, the
 server's requests/s are compared with the direct batched images/s (its ceiling); the saturated share is
 the median over the rounds of each round's ``wrk`` requests/s over that round's ceiling. The client
 threads run on the same two cores as the server, so the concurrent figures include the client's cost.
-Results go to ``build/benchmarks/serve_load.json``, with the load average next to each figure.
+Results go to ``build/benchmarks/serve_load.json`` (``--out``), with the load average next to each figure.
+``--workers N`` runs every server figure against ``serve.workers=N`` processes (the direct ones are the
+same); ``benchmarks/run_all.py`` runs it with 2 as ``serve_load_workers``.
 
-    .venv/bin/python benchmarks/serve_load.py [--requests 2000] [--concurrency 8] [--saturate 16] [--rounds 3]
-        [--workdir PATH]
+    .venv/bin/python benchmarks/serve_load.py [--requests 2000] [--concurrency 8] [--saturate 16]
+        [--workers 1] [--rounds 3] [--workdir PATH] [--out PATH]
 """
 
 from __future__ import annotations
@@ -209,14 +211,16 @@ end
 """
 
 
-def model_calls(url: str) -> int:
-    """The server's model calls so far (``/health``)."""
-    return int(requests.get(f"{url}/health", timeout=30).json()["model_calls"])
+def model_calls(url: str) -> int | None:
+    """The server's model calls so far (``/health``); None with several workers (each counts its own)."""
+    health = requests.get(f"{url}/health", timeout=30).json()
+    return int(health["model_calls"]) if int(health.get("workers") or 1) == 1 else None
 
 
-def per_call(run: dict, calls: int) -> float | None:
-    """Requests (one image each) per model call during a ``wrk`` run (about: wrk counts what it finished)."""
-    return round(run["requests"] / calls, 2) if calls else None
+def per_call(run: dict, before: int | None, after: int | None) -> float | None:
+    """Requests (one image each) per model call during a ``wrk`` run (about: wrk counts what it finished);
+    None when the calls are not known (several workers)."""
+    return round(run["requests"] / (after - before), 2) if before is not None and after and after > before else None
 
 
 def over_wrk(url: str, images: list[str], seconds: int, concurrency: int, work: Path) -> dict | None:
@@ -273,6 +277,8 @@ def main() -> None:
     parser.add_argument(
         "--saturate", type=int, default=2 * BATCH, help="wrk connections of the saturated run (default: 2 batches)"
     )
+    parser.add_argument("--workers", type=int, default=1, help="the server's processes (serve.workers; default 1)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"the report (default {OUT.relative_to(ROOT)})")
     parser.add_argument("--saturate-seconds", type=int, default=8, help="length of each round's saturated wrk run")
     parser.add_argument("--workdir", type=Path, help="keep the work folder here (default: a temp folder, removed)")
     args = parser.parse_args()
@@ -295,13 +301,15 @@ def main() -> None:
             "image_size": "256x320 JPEG",
             "imgsz": IMGSZ,
             "version": version,
+            "workers": args.workers,
         }
         model = load_direct(cfg)
         torch_model = load_direct(cfg, "torch")
         result["runtime"] = model.unwrap_python_model().runtime
         result["providers"] = model.unwrap_python_model().providers
         # the server's batches capped at the ceiling's (serve.batch_images), so the shares compare like with like
-        proc, url = start_serve([*overrides, f"serve.batch_images={BATCH}"], work / "serve.log")
+        server = [*overrides, f"serve.batch_images={BATCH}", f"serve.workers={args.workers}"]
+        proc, url = start_serve(server, work / "serve.log")
         sent: set[str] = set()
         try:
             rounds, wrk_answered = [], 0
@@ -334,14 +342,14 @@ def main() -> None:
             if result["server_concurrent_wrk"]:
                 wrk_answered += result["server_concurrent_wrk"]["requests"]
                 result["server_concurrent_wrk"]["images_per_call"] = per_call(
-                    result["server_concurrent_wrk"], model_calls(url) - calls
+                    result["server_concurrent_wrk"], calls, model_calls(url)
                 )
             saturated = []
             for _ in range(args.rounds if shutil.which("wrk") else 0):  # the ceiling and the saturated server
                 ceiling = direct(model, images, args.sequential * 4, batch=BATCH)
                 calls = model_calls(url)
                 run = over_wrk(url, images, args.saturate_seconds, args.saturate, work)
-                run["images_per_call"] = per_call(run, model_calls(url) - calls)
+                run["images_per_call"] = per_call(run, calls, model_calls(url))
                 wrk_answered += run["requests"]
                 share = round(run["requests_per_s"] / ceiling["images_per_s"], 2)
                 saturated.append({"ceiling": ceiling, "server_wrk": run, "share_of_batched_ceiling": share})
@@ -350,17 +358,20 @@ def main() -> None:
                 result["saturated"] = {
                     "connections": args.saturate,
                     "batch_images": BATCH,
+                    "workers": args.workers,
                     **{
                         key: statistics.median(r[part][field] for r in saturated)
                         for key, part, field in (
                             ("ceiling_images_per_s", "ceiling", "images_per_s"),
                             ("server_requests_per_s", "server_wrk", "requests_per_s"),
                             ("server_p50_ms", "server_wrk", "p50_ms"),
-                            ("images_per_call", "server_wrk", "images_per_call"),
                         )
                     },
                     "share_of_batched_ceiling": statistics.median(r["share_of_batched_ceiling"] for r in saturated),
                 }
+                per_calls = [r["server_wrk"]["images_per_call"] for r in saturated]
+                if None not in per_calls:
+                    result["saturated"]["images_per_call"] = statistics.median(per_calls)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -413,7 +424,7 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    write_report(OUT, result)
+    write_report(args.out, result)
 
 
 if __name__ == "__main__":

@@ -45,13 +45,29 @@ def start_serve(overrides: list[str], log: Path, timeout: float = 300.0) -> tupl
         if proc.poll() is not None:
             raise RuntimeError(f"detloop serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
         try:
-            if requests.get(f"{url}/health", timeout=2).ok:
+            if _all_workers_up(url):
                 return proc, url
         except requests.RequestException:
             pass
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"detloop serve did not answer /health within {timeout:.0f} s (log: {log})")
+
+
+def _all_workers_up(url: str, tries: int = 40) -> bool:
+    """``/health`` answers, from each of the server's ``serve.workers`` processes (new connections land on
+    any worker that listens, so a few tries see them all)."""
+    import requests
+
+    health = requests.get(f"{url}/health", timeout=2)
+    if not health.ok:
+        return False
+    seen, workers = {health.json().get("worker")}, int(health.json().get("workers") or 1)
+    for _ in range(tries if workers > len(seen) else 0):
+        seen.add(requests.get(f"{url}/health", timeout=2).json().get("worker"))
+        if len(seen) >= workers:
+            break
+    return len(seen) >= workers
 
 
 def write_report(path: Path, result: dict) -> None:

@@ -30,8 +30,10 @@ from tests.serving_helpers import anchor_classes, detector_weights, page_bytes, 
 from detloop.cli.main import main
 from detloop.core.config import compose, resolve_path
 from detloop.core.env import free_port
+from detloop.core.errors import BadInput
 from detloop.data.manifest import read_manifest
 from detloop.production import predlog
+from detloop.production.service import serve_workers
 from detloop.tracking import registry
 from detloop.tracking.promotion import promote_version, rollback
 
@@ -367,6 +369,120 @@ def test_abset_draws_from_the_served_images(project):
     assert main(["abset", "build", "--size", "5", *project["overrides"]]) == 0
     pending = read_manifest(resolve_path(project["cfg"], "data") / "abset/inbox/manifest.jsonl")
     assert len(pending) == 5 and all(r["has_labels"] for r in pending)
+
+
+def worker_pids(url: str, count: int, timeout: float = 180.0, without: int | None = None) -> dict[int, dict]:
+    """``/health`` of each of ``count`` worker processes (new connections land on any worker), by pid."""
+    seen: dict[int, dict] = {}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            health = requests.get(f"{url}/health", timeout=10).json()
+        except requests.RequestException:
+            time.sleep(0.2)
+            continue
+        if health["worker"] != without:
+            seen[health["worker"]] = health
+        if len(seen) >= count:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"{count} workers did not all answer /health within {timeout} s: {sorted(seen)}")
+
+
+def gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return True
+        if "State:\tZ" in status:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_several_workers_share_the_port_replace_a_dead_one_and_stop_together(project):
+    # given detloop serve with two worker processes
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = project["base"] / "serve-workers.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [DETLOOP, "serve", "--port", str(port), *project["overrides"], "serve.workers=2"],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+    workers = {"url": url, "proc": proc}
+    pids: dict[int, dict] = {}
+    try:
+        wait_healthy(url, proc, "detloop serve serve.workers=2", timeout=180, log=log)
+        pids = worker_pids(url, 2)
+        assert all(h["workers"] == 2 and h["version"] == project["v1"] for h in pids.values())
+        # when 48 requests come from 8 threads, each on a new connection
+        pages = [page_bytes(200 + i) for i in range(8)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda i: score(workers, [pages[i % len(pages)]]), range(48)))
+        # then each is answered and logged, and both workers scored some
+        assert [a.status_code for a in answers] == [200] * 48
+        ids = {a.json()["request_id"] for a in answers}
+        store = predlog.open_log(project["cfg"])
+        assert ids <= {r["request_id"] for r in store.rows()}
+        store.close()
+        calls = {pid: h["model_calls"] for pid, h in worker_pids(url, 2).items()}
+        assert set(calls) == set(pids) and all(n > 0 for n in calls.values()), calls
+        # when one worker is killed, another takes its place and the server keeps answering
+        victim = sorted(pids)[0]
+        signal_pid(victim, signal.SIGKILL)
+        assert gone(victim)
+        pids = worker_pids(url, 2, without=victim)
+        assert victim not in pids and proc.poll() is None
+        assert score(workers, [pages[0]]).status_code == 200
+        # when detloop serve gets SIGTERM, it stops every worker and exits 0
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        assert all(gone(pid) for pid in pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in pids:
+            signal_pid(pid, signal.SIGKILL)
+
+
+def signal_pid(pid: int, sig: int) -> None:
+    import contextlib
+    import os
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_start_stops_the_server_with_its_reason(project):
+    import socket
+
+    # given a port another program listens on
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # when detloop serve starts two workers on it
+        done = subprocess.run(
+            [DETLOOP, "serve", "--port", str(port), *project["overrides"], "serve.workers=2"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    # then it exits 2 with the reason, no traceback
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"error: a server worker could not start: serve: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_bad_worker_count_is_refused_naming_the_key():
+    with pytest.raises(BadInput, match="serve.workers: must be a whole number >= 1, got 0"):
+        serve_workers(compose(["serve.workers=0"]))
 
 
 def test_stopping_the_server_keeps_every_answered_request_in_the_log(project, server):

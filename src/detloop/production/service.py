@@ -4,6 +4,7 @@ every request written to the prediction log before its answer; health and versio
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class Service:
         self.report_dir = in_project(cfg.serve.report.dir)
         self.inbox = resolve_path(cfg, "inbox")
         self.batcher = Batcher(int(cfg.serve.batch_images))
+        self.workers = serve_workers(cfg)
         self.started_at = now_iso()
 
     # ------------------------------------------------------------------ scoring
@@ -252,6 +254,8 @@ class Service:
             "swaps": state.swaps[-10:],
             "model_calls": self.batcher.calls,
             "predlog": predlog.shown_uri(self.predlog.uri),
+            "worker": os.getpid(),  # the server process that answered (one of serve.workers)
+            "workers": self.workers,
         }
 
     def versions(self) -> dict:
@@ -285,13 +289,21 @@ def runtime_overrides(cfg: DictConfig) -> dict:
     return {key: value for key, value in keys.items() if value is not None}
 
 
-def build_service(cfg: DictConfig) -> Service:
-    """Set up MLflow, load the alias holder, open the prediction log (BadInput when nothing is served)."""
+def serve_workers(cfg: DictConfig) -> int:
+    """``serve.workers``, checked: the server processes sharing the port."""
+    workers = cfg.serve.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise BadInput(f"serve.workers: must be a whole number >= 1, got {workers!r}")
+    return workers
+
+
+def make_watcher(cfg: DictConfig) -> ModelWatcher:
+    """The watcher of ``serve.alias`` (MLflow set up first); nothing is loaded yet."""
     from detloop.tracking import oversight, runs
 
     runs.setup(cfg)
     alias = str(cfg.serve.alias)
-    watcher = ModelWatcher(
+    return ModelWatcher(
         cfg.mlflow.registered_model,
         alias,
         float(cfg.serve.poll_seconds),
@@ -299,5 +311,22 @@ def build_service(cfg: DictConfig) -> Service:
         oversee=lambda: oversight.watch(cfg, (alias,), seen_by="serve"),
         may_serve=lambda version: oversight.may_serve(cfg, alias, version),
     )
+
+
+def check_servable(cfg: DictConfig) -> str:
+    """What every server process would check at start, without loading the model: the serve settings, a
+    version holding the alias, and the prediction log (its table created here, once). Returns the version."""
+    runtime_overrides(cfg)
+    serve_workers(cfg)
+    Batcher(int(cfg.serve.batch_images))
+    Limits.from_cfg(cfg)
+    version = make_watcher(cfg).servable()
+    predlog.open_log(cfg).close()
+    return version
+
+
+def build_service(cfg: DictConfig) -> Service:
+    """Set up MLflow, load the alias holder, open the prediction log (BadInput when nothing is served)."""
+    watcher = make_watcher(cfg)
     watcher.load()
     return Service(cfg, watcher, predlog.open_log(cfg))

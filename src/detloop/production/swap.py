@@ -100,8 +100,9 @@ class ModelWatcher:
 
         return alias_holder(self.name, self.alias)
 
-    def load(self) -> ServedModel:
-        """Load the alias holder at start; BadInput (exit 2) when no version holds the alias."""
+    def servable(self) -> str:
+        """The version to serve at start (after the oversight check); BadInput (exit 2) when no version holds
+        the alias."""
         if self.oversee is not None:
             self.oversee()
         version = self.holder()
@@ -113,6 +114,11 @@ class ModelWatcher:
                     "or serve another alias: serve.alias=staging",
                 ],
             )
+        return version
+
+    def load(self) -> ServedModel:
+        """Load the alias holder at start; BadInput (exit 2) when no version holds the alias."""
+        version = self.servable()
         self._current = self.loader(self.name, version)
         self.state.checked_at = now_iso()
         return self._current
