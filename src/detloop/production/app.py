@@ -1,7 +1,7 @@
 """``detloop serve``: the Starlette web app (``/invocations``, ``/report``, ``/health``, ``/ping``,
 ``/version``, ``/registry-webhook``) around the service, and ``serve()``, which runs it under uvicorn:
 in this process (``serve.workers: 1``), or in ``serve.workers`` processes sharing the port, each with its
-own model, batcher and alias watcher (uvicorn's workers; a worker that dies is replaced)."""
+own model, batcher, alias watcher and listening socket (a worker that dies is replaced)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def create_app(service: Service):
             Route("/invocations", invocations, methods=["POST"]),
             Route("/report", report, methods=["POST"]),
             Route("/registry-webhook", registry_webhook, methods=["POST"]),
-        ],
+        ]
     )
 
 
@@ -121,8 +121,9 @@ def serve(cfg: DictConfig, host: str | None = None, port: int | None = None) -> 
     """Run the server until interrupted (``detloop serve``); returns the exit code."""
     host = host or str(cfg.serve.host)
     port = int(port if port is not None else cfg.serve.port)
-    if serve_workers(cfg) > 1:
-        return _serve_workers(cfg, host, port)
+    workers = serve_workers(cfg)
+    if workers > 1:
+        return _serve_workers(cfg, host, port, workers)
     import uvicorn
 
     service = build_service(cfg)
@@ -158,8 +159,8 @@ def _close(service: Service) -> None:
     service.predlog.close()
 
 
-def _serve_workers(cfg: DictConfig, host: str, port: int) -> int:
-    """``serve.workers`` processes on one port, each with its own service and its own listening socket
+def _serve_workers(cfg: DictConfig, host: str, port: int, workers: int) -> int:
+    """``workers`` (``serve.workers``) processes on one port, each with its own service and its own listening socket
     (``SO_REUSEPORT``: the kernel spreads the connections over them; one shared socket would leave most
     connections to whichever process accepts first). What would stop them all is checked here first
     (settings, a version to serve, the prediction log); a worker that still cannot start (its model does
@@ -169,7 +170,6 @@ def _serve_workers(cfg: DictConfig, host: str, port: int) -> int:
     import signal
     import threading
 
-    workers = serve_workers(cfg)
     if port == 0:
         raise BadInput("serve.port: 0 (any free port) gives each worker another port; name one with serve.workers > 1")
     version = check_servable(cfg)

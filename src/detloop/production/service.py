@@ -314,10 +314,10 @@ def make_watcher(cfg: DictConfig) -> ModelWatcher:
 
 
 def check_servable(cfg: DictConfig) -> str:
-    """What every server process would check at start, without loading the model: the serve settings, a
-    version holding the alias, and the prediction log (its table created here, once). Returns the version."""
+    """What every server process would check at start, without loading the model: the serve settings (as
+    ``serve.workers`` already was), a version holding the alias, and the prediction log (its table created
+    here, once). Returns the version."""
     runtime_overrides(cfg)
-    serve_workers(cfg)
     Batcher(int(cfg.serve.batch_images))
     Limits.from_cfg(cfg)
     version = make_watcher(cfg).servable()
