@@ -27,7 +27,7 @@ from detloop.production.request_checks import (
     plain_images,
 )
 from detloop.production.swap import ModelWatcher, ServedModel
-from detloop.tracking import registry
+from detloop.tracking import oversight, registry
 
 LIMITS = Limits(max_body_bytes=1 << 20, max_image_bytes=200_000, max_pixels=100_000, max_images=4, min_side=10)
 JSON = "application/json"
@@ -244,6 +244,29 @@ def test_the_watcher_swaps_in_the_new_alias_holder_and_keeps_serving_on_trouble(
     # a rollback to v1 is picked up and clears the error
     registry.move_alias(registry_cfg, "production", v1, why="rollback")
     assert watcher.check() is True and watcher.current.version == v1 and watcher.state.error is None
+
+
+def test_a_move_made_outside_detloop_is_recorded_before_its_version_is_served(registry_cfg):
+    """The UI moves the alias just after one oversight check: the watcher must not serve it unrecorded."""
+    name = registry_cfg.mlflow.registered_model
+    v1, v2 = (register_version(registry_cfg, tags={"decision": "pass", "gate.decision": "pass"}) for _ in range(2))
+    registry.move_alias(registry_cfg, "production", v1, why="test")
+    moved_in_ui = []
+
+    def oversee():
+        found = oversight.watch(registry_cfg, ("production",), seen_by="serve")
+        if not moved_in_ui:  # the person's click lands right after this check
+            registry.client().set_registered_model_alias(name, "production", v2)
+            moved_in_ui.append(v2)
+        return found
+
+    watcher = ModelWatcher(name, "production", 60, loader=loader_from([]), oversee=oversee)
+    assert watcher.load().version == v1
+    for _ in range(3):  # whenever v2 is swapped in, its move is already in the audit trail
+        swapped = watcher.check()
+        recorded = [(m["to_version"], m["external"]) for m in registry.history(registry_cfg) if m["external"]]
+        assert recorded == ([(v2, True)] if swapped or watcher.current.version == v2 else [])
+    assert watcher.current.version == v2
 
 
 # --------------------------------------------------------------------------- batching

@@ -78,7 +78,7 @@ class ModelWatcher:
         oversee: Callable[[], object] | None = None,
         may_serve: Callable[[str], tuple[bool, str]] | None = None,
     ):
-        """``oversee`` runs before each lookup (records alias moves made outside detloop, applies the policy);
+        """``oversee`` runs after each lookup (records alias moves made outside detloop, applies the policy);
         ``may_serve(version)`` says whether a new holder may be swapped in (``(False, why)``: keep serving)."""
         self.name, self.alias, self.poll_seconds = name, alias, float(poll_seconds)
         self.loader = loader
@@ -100,12 +100,21 @@ class ModelWatcher:
 
         return alias_holder(self.name, self.alias)
 
+    def overseen_holder(self) -> str | None:
+        """The alias holder, read before the oversight check: a move made outside detloop is recorded (and the
+        policy applied) before its version is served. Read again while the check finds something new (a move
+        put back, or one made between the two reads)."""
+        version = self.holder()
+        for _ in range(3):
+            if self.oversee is None or not self.oversee():
+                break
+            version = self.holder()
+        return version
+
     def servable(self) -> str:
         """The version to serve at start (after the oversight check); BadInput (exit 2) when no version holds
         the alias."""
-        if self.oversee is not None:
-            self.oversee()
-        version = self.holder()
+        version = self.overseen_holder()
         if version is None:
             raise BadInput(
                 f"nothing to serve: no version of {self.name} holds '{self.alias}'",
@@ -126,9 +135,7 @@ class ModelWatcher:
     def check(self) -> bool:
         """Look up the alias once; load and swap in a new holder. True when the served version changed."""
         try:
-            if self.oversee is not None:
-                self.oversee()
-            version = self.holder()
+            version = self.overseen_holder()
         except Exception as err:  # registry unreachable: keep serving what is loaded
             self.state.error = f"alias lookup failed: {err}"
             log.warning("%s; still serving v%s", self.state.error, self.current.version)
