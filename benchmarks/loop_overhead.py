@@ -5,8 +5,10 @@ base and the gated fine-tune, ``build/`` the stage outputs. Each round runs ``py
 for ``evaluate``, ``mix``, ``retrain`` (not due on the demo), ``gate`` and ``promote`` in pipeline order,
 with the prediction cache emptied first and then given the base's anchor-test pass, as on a fresh ``dvc repro``
 (the base stage makes that pass in its training process once the version is registered; ``evaluate`` and
-the gate's reference reuse it). That pass is timed on its own (``base_anchor_pass``, inference in the
-training stage, not counted in the overhead). The gate's own inference is read from
+the gate's reference reuse it), and the gate's passes of the demo's fine-tuned version and its reference,
+which the fine-tune stage makes the same way once its version is registered. Those passes are timed on
+their own (``base_anchor_pass``, ``finetune_gate_passes``: inference in the training stages, with torch and
+Ultralytics already loaded there; not counted in the overhead). The gate's own inference is read from
 its ``build/gate/decision.json`` (``measured.*.*.timings.inference_s`` of the passes it did not reuse),
 so "gate minus inference" is the gate's wall time minus the time its prediction passes took.
 
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from shared import bin_env, load_average, write_report  # noqa: E402
 
 STAGES = ("evaluate", "mix", "retrain", "gate", "promote")
+DERIVED = ("gate_inference", "gate_minus_inference", "overhead", "base_anchor_pass", "finetune_gate_passes")
 OUT = ROOT / "build" / "benchmarks" / "loop_overhead.json"
 
 
@@ -91,21 +94,49 @@ with tempfile.TemporaryDirectory() as tmp:
 """
 
 
-def base_pass(project: Path, src: Path) -> float | None:
-    """Seconds of the base stage's anchor-test pass (None for a tree whose base stage does not make it)."""
-    if "def predict_split" not in (src / "detloop" / "evaluation" / "measure.py").read_text():
+# the fine-tune stage's last step since it makes the gate's passes for the version it registered: timed the
+# same way (torch and Ultralytics imported before the clock starts, as in the fine-tune's training process)
+FINETUNE_PASSES = """
+import json, tempfile, time
+from pathlib import Path
+from detloop.core.config import compose
+from detloop.evaluation import gating
+from detloop.model.yolo import ultralytics
+from detloop.tracking import runs
+cfg = compose([])
+runs.setup(cfg)
+ultralytics()
+target = json.loads(Path("build/finetune/model.json").read_text())
+with tempfile.TemporaryDirectory() as tmp:
+    started = time.perf_counter()
+    gating.predict_ahead(cfg, target["version"], Path(tmp))
+    print(time.perf_counter() - started)
+"""
+
+
+def training_stage_pass(project: Path, src: Path, code: str, marker: tuple[str, str]) -> float | None:
+    """Seconds of a pass a training stage makes for the stages after it (None for a tree without it)."""
+    if marker[1] not in (src / "detloop" / marker[0]).read_text():
         return None
     env = {**bin_env(), "DETLOOP_ROOT": str(project), "PYTHONPATH": str(src)}
     env.setdefault("YOLO_OFFLINE", "1")
-    done = subprocess.run([sys.executable, "-c", BASE_PASS], cwd=project, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"the base stage's anchor-test pass failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"a training stage's pass failed:\n{done.stderr[-3000:]}")
     return round(float(done.stdout.strip().splitlines()[-1]), 2)
 
 
 def one_round(project: Path, src: Path) -> dict:
     shutil.rmtree(project / "build" / "cache", ignore_errors=True)
-    row: dict = {"load": load_average(), "base_anchor_pass": base_pass(project, src)}
+    row: dict = {
+        "load": load_average(),
+        "base_anchor_pass": training_stage_pass(
+            project, src, BASE_PASS, ("evaluation/measure.py", "def predict_split")
+        ),
+        "finetune_gate_passes": training_stage_pass(
+            project, src, FINETUNE_PASSES, ("evaluation/gating.py", "def predict_ahead")
+        ),
+    }
     for stage in STAGES:
         row[stage] = round(run_stage(project, src, stage), 2)
     inference, reused = gate_inference(project)
@@ -132,7 +163,7 @@ def training_seconds(project: Path) -> dict:
 
 
 def summary(rows: list[dict]) -> dict:
-    keys = [*STAGES, "gate_inference", "gate_minus_inference", "overhead", "base_anchor_pass"]
+    keys = [*STAGES, *DERIVED]
     return {
         k: {"median": statistics.median(r[k] for r in rows), "min": min(r[k] for r in rows)}
         for k in keys
@@ -171,7 +202,7 @@ def main() -> None:
     }
     total_training = sum(training.values())
     print(f"\n{'stage':<24}" + "".join(f"{name:>22}" for name in trees))
-    for key in [*STAGES, "gate_inference", "gate_minus_inference", "overhead", "base_anchor_pass"]:
+    for key in [*STAGES, *DERIVED]:
         figures = [result["trees"][n]["summary"].get(key) for n in trees]
         cells = "".join(f"{f['median']:>14.2f} s (min {f['min']:.1f})" if f else f"{'-':>22}" for f in figures)
         print(f"{key:<24}{cells}")

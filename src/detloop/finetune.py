@@ -4,7 +4,8 @@ Always starts from the registry's ``base`` alias (or a pinned ``finetune.base_ve
 a fine-tuned starting point: chained fine-tunes drift (document section 2). Registers a new version
 tagged ``kind=finetune`` and ``base_version=N``; it moves no alias — promotion is the gates' job.
 When the mix stage found no trigger, this stage records the wait and trains nothing. In a Hydra sweep
-(``-m``) every job's version is gated right away (``detloop.gate``), so the best passing one can be promoted.
+(``-m``) every job's version is gated right away (``detloop.gate``), so the best passing one can be promoted;
+otherwise the gate's prediction passes are made here and kept for the ``gate`` stage.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from detloop.data import pool
 from detloop.data.datasets import anchor_names, write_data_yaml
 from detloop.data.manifest import sha256_file
 from detloop.data.mixing import reweight
-from detloop.evaluation import label_check
+from detloop.evaluation import gating, label_check
 from detloop.model.pyfunc import model_weights
 from detloop.model.yolo import ultralytics
 from detloop.tracking import registry, runs
@@ -117,10 +118,9 @@ def run(cfg: DictConfig) -> dict:
     write_json(out / "lineage.json", lineage_key(cfg, mix))
     log.info("registered %s version %s, fine-tuned from base v%s (run %s)", name, version, base_version, run_id)
     if runs.sweep_dir() is not None:  # every job of a sweep is gated (the recipe search's objective)
-        from detloop.evaluation.gating import gate_version
         from detloop.evaluation.recipes import objective
 
-        record = gate_version(cfg, version, alias="production")
+        record = gating.gate_version(cfg, version, alias="production")
         score = objective(record)
         write_json(out / "trial.json", {**result, "decision": record["decision"], "objective": score})
         return {
@@ -130,6 +130,10 @@ def run(cfg: DictConfig) -> dict:
             "figures": record["figures"],
             "objective": score,
         }
+    # the gate's prediction passes, made here where torch and Ultralytics are loaded already: the gate stage
+    # reads them from the prediction cache
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        gating.predict_ahead(cfg, version, Path(tmp))
     return {**result, "metrics": final}
 
 

@@ -17,7 +17,7 @@ from detloop.base import run as run_base
 from detloop.cli.main import main as cli_main
 from detloop.core.config import compose
 from detloop.evaluate import run as run_evaluate
-from detloop.evaluation import gates
+from detloop.evaluation import gates, gating
 from detloop.finetune import run as run_finetune
 from detloop.gate import run as run_gate
 from detloop.mix import run as run_mix
@@ -58,6 +58,15 @@ def test_the_gate_compares_the_candidate_with_production_and_records_the_decisio
     gap = abs(served["served_map50"] - record["measured"]["candidate"]["anchor_test"]["map50"]) * 100
     assert served["map50_gap"] == gap and served["decision"] == ("pass" if gap <= 1.0 else "review")
     assert record["decision"] == gates.combine(record["gates"])
+    # every pass the finetune stage made ahead is read from the prediction cache; the A/B sample (not set when
+    # the fine-tune ran) is predicted here
+    cached = {
+        (role, key): found["timings"]["predictions_cached"]
+        for role, by_set in record["measured"].items()
+        for key, found in by_set.items()
+    }
+    assert {where for where, hit in cached.items() if not hit} == {("candidate", "ab"), ("reference", "ab")}
+    assert len(cached) == 10
     cand, ref = record["measured"]["candidate"], record["measured"]["reference"]
     assert cand["anchor_test"]["images"] == ref["anchor_test"]["images"] == 8
     assert cand["ab"]["images"] == 8  # the A/B sample: all 8 labelled images (size 100 > 8)
@@ -102,6 +111,29 @@ def test_the_gate_compares_the_candidate_with_production_and_records_the_decisio
     # and no alias moved: that is the promote stage's job
     assert registry.alias_holder(cfg.mlflow.registered_model, "production") == "1"
     assert (base / "build" / "gate" / "retrain.json").read_text().startswith('{\n  "reason"')
+
+
+def test_the_passes_made_ahead_give_the_gate_figures_of_passes_made_from_scratch(project, tmp_path, caplog):
+    overrides, base = project
+    cfg = compose(overrides)
+    # the gate from the fine-tune stage's passes, then with the prediction cache off (every pass made here)
+    decision = base / "build" / "gate" / "decision.json"
+
+    def measured() -> tuple[dict, dict, bool]:
+        record = json.loads(decision.read_text())
+        timings = [found.pop("timings") for by_set in record["measured"].values() for found in by_set.values()]
+        return record["measured"], record["figures"], all(t["predictions_cached"] for t in timings)
+
+    run_gate(cfg)
+    kept = measured()
+    run_gate(compose([*overrides, "evaluate.cache.keep=0"]))
+    fresh = measured()
+    assert kept[2] is True and fresh[2] is False
+    assert fresh[:2] == kept[:2]  # every set's figures, both models and the served export, digit for digit
+    # a version whose passes cannot be made (here: none registered) is left to the gate, with the reason
+    assert gating.predict_ahead(cfg, "99", tmp_path) is False
+    assert "the gate's passes are not made ahead (the gate makes them)" in caplog.text
+    assert gating.predict_ahead(compose([*overrides, "evaluate.cache.keep=0"]), "2", tmp_path) is False
 
 
 def test_one_anchor_test_map50_per_version_in_dvc_metrics_registry_and_gate_report(project):
@@ -163,6 +195,9 @@ def test_a_retrained_base_is_gated_against_the_base_alias(project):
     record = json.loads((base / "build" / "gate" / "retrain.json").read_text())
     assert record["candidate"] == {**record["candidate"], "version": version, "kind": "base"}
     assert record["production"] == {"version": "1", "alias": "base"}
+    # the retrain stage made the gate's passes of its version (all reused here)
+    passes = [found["timings"] for by_set in record["measured"].values() for found in by_set.values()]
+    assert passes and all(timings["predictions_cached"] for timings in passes)
     assert registry.alias_holder(cfg.mlflow.registered_model, "base") == "1"
 
 

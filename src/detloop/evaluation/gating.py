@@ -24,7 +24,7 @@ from detloop.core.stage import stage_dir
 from detloop.data import pool
 from detloop.data.datasets import anchor_images, anchor_names
 from detloop.data.yolo_format import is_image_name
-from detloop.evaluation import evaluator, label_check
+from detloop.evaluation import evaluator, label_check, predictions
 from detloop.evaluation.gates import (
     TAG_FIGURES,
     ab_gate,
@@ -42,6 +42,8 @@ from detloop.model.pyfunc import exported_onnx, model_weights
 from detloop.tracking import oversight, records, registry, runs
 
 log = logging.getLogger(__name__)
+
+SERVED_SETS = ("anchor_test", "pool_holdout")  # the served runtime is checked on the sets Gates 1 and 2 decide on
 
 
 def gate_sets(cfg: DictConfig) -> dict[str, list[Path]]:
@@ -107,22 +109,9 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
     reference = reference_version(cfg, candidate, alias)
     names = anchor_names(resolve_path(cfg, "anchor"))
     sets = gate_sets(cfg)
-    results: dict[str, dict] = {}
     kept: dict[str, dict] = {key: {} for key in label_check.GATE_SETS}  # the candidate's pool predictions, reused
-    served_as = "torch"
     with tempfile.TemporaryDirectory(dir=stage_dir(cfg, "gate")) as tmp:
-        for role, version in (("candidate", candidate), ("reference", reference)):
-            weights, config = model_weights(f"models:/{name}/{version}", Path(tmp) / role)
-            imgsz = int(config.get("imgsz", 640))
-            results[role] = {
-                key: measure(cfg, weights, imgsz, images, names, keep=kept.get(key) if role == "candidate" else None)
-                for key, images in sets.items()
-            }
-            if role == "candidate":
-                served_as, served_file = _served(cfg, weights, config)
-                if served_file is not None:  # the served runtime on the sets Gates 1 and 2 decide on
-                    checked = ("anchor_test", "pool_holdout")
-                    results["served"] = {key: measure(cfg, served_file, imgsz, sets[key], names) for key in checked}
+        results, served_as = _measure_both(cfg, candidate, reference, sets, names, Path(tmp), kept)
     cand, ref = results["candidate"], results["reference"]
     gates = {
         "regression": regression_gate(cfg, cand["anchor_test"], ref["anchor_test"]),
@@ -152,6 +141,66 @@ def gate_version(cfg: DictConfig, candidate: str, *, alias: str = "production") 
     _record(cfg, record)
     log.info("%s", record["summary"])
     return record
+
+
+def _measure_both(
+    cfg: DictConfig,
+    candidate: str,
+    reference: str,
+    sets: dict[str, list[Path]],
+    names: dict[int, str],
+    tmp: Path,
+    kept: dict[str, dict] | None = None,
+) -> tuple[dict[str, dict], str]:
+    """Both versions measured on every set, and the candidate's served runtime on the sets Gates 1 and 2
+    decide on; returns ``({candidate, reference[, served]}: {set: figures}, served_as)``."""
+    name = cfg.mlflow.registered_model
+    kept = kept if kept is not None else {}
+    results: dict[str, dict] = {}
+    served_as = "torch"
+    for role, version in (("candidate", candidate), ("reference", reference)):
+        weights, config = model_weights(f"models:/{name}/{version}", tmp / role)
+        imgsz = int(config.get("imgsz", 640))
+        results[role] = {
+            key: measure(cfg, weights, imgsz, images, names, keep=kept.get(key) if role == "candidate" else None)
+            for key, images in sets.items()
+        }
+        if role == "candidate":
+            served_as, served_file = _served(cfg, weights, config)
+            if served_file is not None:
+                results["served"] = {key: measure(cfg, served_file, imgsz, sets[key], names) for key in SERVED_SETS}
+    return results, served_as
+
+
+def predict_ahead(cfg: DictConfig, candidate: str, tmp: Path, *, alias: str = "production") -> bool:
+    """Make the prediction passes :func:`gate_version` of ``candidate`` will make, and keep them in the
+    prediction cache (``evaluate.cache``), so that the gate reads them without loading a model.
+
+    Called by the fine-tune stage once its version is registered, where torch and Ultralytics are loaded
+    already (the base stage does the same for ``evaluate``). The passes are the gate's own
+    (:func:`_measure_both`: the same weights files, images and settings), so the gate's figures are those it
+    would compute itself; a pass the gate does not find (the reference moved in between, the pool changed)
+    it simply makes. False when the cache is off, there is nothing to gate on yet or a pass failed (the gate
+    says why): the fine-tune's registered version and outputs stand either way.
+    """
+    if predictions.cache_settings(cfg)[0] is None:
+        return False
+    try:
+        reference = reference_version(cfg, candidate, alias)
+        sets = gate_sets(cfg)
+    except BadInput as err:  # the gate stage reports it, with its hints
+        log.info("the gate's passes are not made ahead: %s", err)
+        return False
+    started = time.perf_counter()
+    names = anchor_names(resolve_path(cfg, "anchor"))
+    try:
+        _measure_both(cfg, candidate, reference, sets, names, tmp)
+    except Exception as err:  # the version is registered: the gate makes the passes and reports what fails
+        log.warning("the gate's passes are not made ahead (the gate makes them): %s: %s", type(err).__name__, err)
+        return False
+    seconds = time.perf_counter() - started
+    log.info("the gate's passes of v%s and its reference v%s kept for the gate: %.2f s", candidate, reference, seconds)
+    return True
 
 
 def _served(cfg: DictConfig, weights: Path, config: dict) -> tuple[str, Path | None]:

@@ -10,17 +10,19 @@ when idle rather than spin, so a busy server's other threads keep their core), o
 provider where a GPU is present and ``onnxruntime-gpu`` is installed (Ultralytics' choice).
 
 ``runtime`` in a model's config: ``auto`` (ONNX Runtime when the version holds an export and ONNX
-Runtime imports, else PyTorch), ``onnx`` (refuse to load without them) or ``torch``.
+Runtime is installed, else PyTorch), ``onnx`` (refuse to load without them) or ``torch``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from detloop.core.env import package_version
 from detloop.core.errors import BadInput
 from detloop.model.yolo import load_model
 
@@ -30,16 +32,20 @@ ONNX_ARTIFACT = "onnx"
 RUNTIMES = ("auto", "onnx", "torch")
 
 
+ONNX_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")  # either installs the module ``onnxruntime``
+
+
 def onnx_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ONNX Runtime is installed (found without importing it: the gate only reads cached passes)."""
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def onnx_version() -> str:
-    import onnxruntime
+    """The installed ONNX Runtime's version, from its distribution's metadata (no import)."""
+    for dist in ONNX_DISTRIBUTIONS:
+        if found := package_version(dist):
+            return found
+    import onnxruntime  # installed some other way (e.g. built from source)
 
     return str(onnxruntime.__version__)
 

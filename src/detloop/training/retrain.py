@@ -7,6 +7,7 @@ candidate (``kind=base``, ``retrain=true``) that moves no alias.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -15,6 +16,7 @@ from detloop.core.config import config_hash, resolve_path
 from detloop.data import pool
 from detloop.data.datasets import anchor_images, anchor_names, write_data_yaml
 from detloop.data.manifest import MANIFEST, manifest_hash
+from detloop.evaluation import gating
 from detloop.tracking import registry, runs
 from detloop.training.trainer import train_from_scratch, write_result
 
@@ -59,7 +61,11 @@ def retrain_base(cfg: DictConfig, due: dict, out: Path) -> dict:
         "input": due,
         "anchor_manifest_sha256": manifest_hash(anchor / MANIFEST),
     }
-    return write_result(cfg, STAGE, trained, lineage)
+    result = write_result(cfg, STAGE, trained, lineage)
+    # the gate's passes of the new base against the `base` holder, made where the model is loaded already
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        gating.predict_ahead(cfg, trained["version"], Path(tmp), alias="base")
+    return result
 
 
 def _tag(cfg: DictConfig, trained: dict, due: dict, counts: dict, anchor: Path, pool_sha: str) -> None:
