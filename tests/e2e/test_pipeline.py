@@ -48,8 +48,20 @@ def set_yaml(path: Path, dotted: str, value) -> None:
         yaml.dump(data, handle)
 
 
+# what a user's fresh shell does not have: the test process's project, and the experiment and run that MLflow's
+# fluent API writes into os.environ (`mlflow.set_experiment` sets MLFLOW_EXPERIMENT_ID) when an earlier test ran
+# a stage in this process
+FRESH_SHELL_UNSET = {
+    "DETLOOP_ROOT",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_RUN_ID",
+}
+
+
 def sh(cwd: Path, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in {"DETLOOP_ROOT", "MLFLOW_TRACKING_URI"}}
+    full_env = {k: v for k, v in os.environ.items() if k not in FRESH_SHELL_UNSET}
     full_env["PATH"] = f"{BIN}{os.pathsep}{full_env['PATH']}"
     full_env.update(env or {})
     done = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
