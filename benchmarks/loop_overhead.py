@@ -45,10 +45,16 @@ DERIVED = ("gate_inference", "gate_minus_inference", "overhead", "base_anchor_pa
 OUT = ROOT / "build" / "benchmarks" / "loop_overhead.json"
 
 
-def run_stage(project: Path, src: Path, stage: str) -> float:
+def stage_env(project: Path, src: Path) -> dict:
+    """The environment of a stage's process on ``project`` with the code in ``src``."""
     env = {**bin_env(), "DETLOOP_ROOT": str(project), "PYTHONPATH": str(src)}
     env.setdefault("YOLO_OFFLINE", "1")
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return env
+
+
+def run_stage(project: Path, src: Path, stage: str) -> float:
+    env = stage_env(project, src)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", f"detloop.{stage}"], cwd=project, env=env, capture_output=True)
     seconds = time.perf_counter() - start
@@ -71,20 +77,25 @@ def gate_inference(project: Path) -> tuple[float, int]:
     return seconds, reused
 
 
-# the base stage's last step since it keeps the new base's anchor-test pass for `evaluate`: made here in a
-# process of its own, with torch and Ultralytics imported before the clock starts, as they are in the
-# base stage's training process; only the pass is timed
-BASE_PASS = """
+# a training stage's process, as far as a pass it makes for the stages after it goes: torch and Ultralytics
+# imported and the MLflow store set up before the clock starts; each pass below then prints its own seconds
+TRAINING_PROCESS = """
 import json, tempfile, time
 from pathlib import Path
 from detloop.core.config import compose
-from detloop.evaluation import measure
-from detloop.model.pyfunc import model_weights
 from detloop.model.yolo import ultralytics
 from detloop.tracking import runs
 cfg = compose([])
 runs.setup(cfg)
 ultralytics()
+"""
+
+# the base stage's last step since it keeps the new base's anchor-test pass for `evaluate`
+BASE_PASS = (
+    TRAINING_PROCESS
+    + """
+from detloop.evaluation import measure
+from detloop.model.pyfunc import model_weights
 target = json.loads(Path("build/base/model.json").read_text())
 with tempfile.TemporaryDirectory() as tmp:
     weights, config = model_weights(target["model_uri"], Path(tmp))
@@ -92,35 +103,28 @@ with tempfile.TemporaryDirectory() as tmp:
     measure.predict_split(cfg, weights, int(config.get("imgsz", 640)))
     print(time.perf_counter() - started)
 """
+)
 
-
-# the fine-tune stage's last step since it makes the gate's passes for the version it registered: timed the
-# same way (torch and Ultralytics imported before the clock starts, as in the fine-tune's training process)
-FINETUNE_PASSES = """
-import json, tempfile, time
-from pathlib import Path
-from detloop.core.config import compose
+# the fine-tune stage's last step since it makes the gate's passes for the version it registered
+FINETUNE_PASSES = (
+    TRAINING_PROCESS
+    + """
 from detloop.evaluation import gating
-from detloop.model.yolo import ultralytics
-from detloop.tracking import runs
-cfg = compose([])
-runs.setup(cfg)
-ultralytics()
 target = json.loads(Path("build/finetune/model.json").read_text())
-with tempfile.TemporaryDirectory() as tmp:
-    started = time.perf_counter()
-    gating.predict_ahead(cfg, target["version"], Path(tmp))
-    print(time.perf_counter() - started)
+started = time.perf_counter()
+gating.predict_ahead(cfg, target["version"], Path(tempfile.gettempdir()))
+print(time.perf_counter() - started)
 """
+)
 
 
 def training_stage_pass(project: Path, src: Path, code: str, marker: tuple[str, str]) -> float | None:
     """Seconds of a pass a training stage makes for the stages after it (None for a tree without it)."""
     if marker[1] not in (src / "detloop" / marker[0]).read_text():
         return None
-    env = {**bin_env(), "DETLOOP_ROOT": str(project), "PYTHONPATH": str(src)}
-    env.setdefault("YOLO_OFFLINE", "1")
-    done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=project, env=stage_env(project, src), capture_output=True, text=True
+    )
     if done.returncode:
         raise SystemExit(f"a training stage's pass failed:\n{done.stderr[-3000:]}")
     return round(float(done.stdout.strip().splitlines()[-1]), 2)
@@ -157,7 +161,7 @@ def training_seconds(project: Path) -> dict:
         "found = stage_durations(compose([]))\n"
         "print(json.dumps({k: v for k, v in found.items() if k in ('base', 'finetune')}))\n"
     )
-    env = {**bin_env(), "DETLOOP_ROOT": str(project), "PYTHONPATH": str(ROOT / "src")}
+    env = stage_env(project, ROOT / "src")
     done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
 

@@ -132,8 +132,7 @@ def run(cfg: DictConfig) -> dict:
         }
     # the gate's prediction passes, made here where torch and Ultralytics are loaded already: the gate stage
     # reads them from the prediction cache
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        gating.predict_ahead(cfg, version, Path(tmp))
+    gating.predict_ahead(cfg, version, out)
     return {**result, "metrics": final}
 
 

@@ -41,6 +41,15 @@ def project(tmp_path_factory, tiny_data):
     return overrides, base
 
 
+def pass_timings(record: dict, remove: bool = False) -> dict[tuple[str, str], dict]:
+    """The timings of each prediction pass in a gate record, by (role, set); ``remove``: taken out of it."""
+    return {
+        (role, key): found.pop("timings") if remove else found["timings"]
+        for role, by_set in record["measured"].items()
+        for key, found in by_set.items()
+    }
+
+
 def test_the_gate_compares_the_candidate_with_production_and_records_the_decision(project):
     overrides, base = project
     cfg = compose([*overrides, f"gate.ab.data={base / 'data' / 'anchor' / 'images' / 'val'}"])
@@ -60,11 +69,7 @@ def test_the_gate_compares_the_candidate_with_production_and_records_the_decisio
     assert record["decision"] == gates.combine(record["gates"])
     # every pass the finetune stage made ahead is read from the prediction cache; the A/B sample (not set when
     # the fine-tune ran) is predicted here
-    cached = {
-        (role, key): found["timings"]["predictions_cached"]
-        for role, by_set in record["measured"].items()
-        for key, found in by_set.items()
-    }
+    cached = {where: timings["predictions_cached"] for where, timings in pass_timings(record).items()}
     assert {where for where, hit in cached.items() if not hit} == {("candidate", "ab"), ("reference", "ab")}
     assert len(cached) == 10
     cand, ref = record["measured"]["candidate"], record["measured"]["reference"]
@@ -121,7 +126,7 @@ def test_the_passes_made_ahead_give_the_gate_figures_of_passes_made_from_scratch
 
     def measured() -> tuple[dict, dict, bool]:
         record = json.loads(decision.read_text())
-        timings = [found.pop("timings") for by_set in record["measured"].values() for found in by_set.values()]
+        timings = pass_timings(record, remove=True).values()
         return record["measured"], record["figures"], all(t["predictions_cached"] for t in timings)
 
     run_gate(cfg)
@@ -196,7 +201,7 @@ def test_a_retrained_base_is_gated_against_the_base_alias(project):
     assert record["candidate"] == {**record["candidate"], "version": version, "kind": "base"}
     assert record["production"] == {"version": "1", "alias": "base"}
     # the retrain stage made the gate's passes of its version (all reused here)
-    passes = [found["timings"] for by_set in record["measured"].values() for found in by_set.values()]
+    passes = pass_timings(record).values()
     assert passes and all(timings["predictions_cached"] for timings in passes)
     assert registry.alias_holder(cfg.mlflow.registered_model, "base") == "1"
 

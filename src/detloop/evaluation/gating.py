@@ -172,9 +172,10 @@ def _measure_both(
     return results, served_as
 
 
-def predict_ahead(cfg: DictConfig, candidate: str, tmp: Path, *, alias: str = "production") -> bool:
+def predict_ahead(cfg: DictConfig, candidate: str, workdir: Path, *, alias: str = "production") -> bool:
     """Make the prediction passes :func:`gate_version` of ``candidate`` will make, and keep them in the
-    prediction cache (``evaluate.cache``), so that the gate reads them without loading a model.
+    prediction cache (``evaluate.cache``), so that the gate reads them without loading a model. The versions'
+    files are fetched into a temporary folder under ``workdir`` (the caller's stage folder), removed after.
 
     Called by the fine-tune stage once its version is registered, where torch and Ultralytics are loaded
     already (the base stage does the same for ``evaluate``). The passes are the gate's own
@@ -194,7 +195,8 @@ def predict_ahead(cfg: DictConfig, candidate: str, tmp: Path, *, alias: str = "p
     started = time.perf_counter()
     names = anchor_names(resolve_path(cfg, "anchor"))
     try:
-        _measure_both(cfg, candidate, reference, sets, names, tmp)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            _measure_both(cfg, candidate, reference, sets, names, Path(tmp))
     except Exception as err:  # the version is registered: the gate makes the passes and reports what fails
         log.warning("the gate's passes are not made ahead (the gate makes them): %s: %s", type(err).__name__, err)
         return False

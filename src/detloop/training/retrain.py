@@ -7,7 +7,6 @@ candidate (``kind=base``, ``retrain=true``) that moves no alias.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -63,8 +62,7 @@ def retrain_base(cfg: DictConfig, due: dict, out: Path) -> dict:
     }
     result = write_result(cfg, STAGE, trained, lineage)
     # the gate's passes of the new base against the `base` holder, made where the model is loaded already
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        gating.predict_ahead(cfg, trained["version"], Path(tmp), alias="base")
+    gating.predict_ahead(cfg, trained["version"], out, alias="base")
     return result
 
 
